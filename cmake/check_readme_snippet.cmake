@@ -1,0 +1,15 @@
+# Usage: cmake -DREADME=<README.md> -DSOURCE=<file with two "// [readme]" marker lines> -P this
+# Fails unless the lines between the markers (indentation removed) appear verbatim in README.
+file(READ "${SOURCE}" _src)
+string(REGEX MATCH "// \\[readme\\]\n(.*)\n[ ]*// \\[readme\\]" _m "${_src}")
+if(NOT _m)
+  message(FATAL_ERROR "no // [readme] region in ${SOURCE}")
+endif()
+set(_snippet "${CMAKE_MATCH_1}")
+string(REGEX REPLACE "(^|\n)  " "\\1" _snippet "${_snippet}")
+file(READ "${README}" _readme)
+string(FIND "${_readme}" "${_snippet}" _pos)
+if(_pos EQUAL -1)
+  message(FATAL_ERROR "README.md does not contain the [readme] region of ${SOURCE} verbatim:\n${_snippet}")
+endif()
+message(STATUS "README snippet matches ${SOURCE}")

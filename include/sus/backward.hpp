@@ -1,0 +1,281 @@
+// sus — attention backward: exact (dense, GEMM) and SUS (sparse, O(nnz·d)).
+//
+// The forward was  S = s·Q·Kᵀ,  W = softmax_row(S),  O = W·V.  Given dO, in reverse order:
+//   3. O = W·V        ->  dV = Wᵀ·dO,   dP = dO·Vᵀ
+//   2. W = softmax(S) ->  dS_ij = W_ij (dP_ij − D_i),  D_i = Σ_j W_ij dP_ij = dO_i·O_i
+//   1. S = s·Q·Kᵀ     ->  dQ = s·dS·K,  dK = s·dSᵀ·Q
+// SUS replaces W by the sampled W̃ (the CSR mask) wherever W appears explicitly (in dV and
+// dS); D_i stays exact, from O. Every gradient is linear in W̃ and E[W̃] = W: unbiased.
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "csr.hpp"
+#include "error.hpp"
+#include "sampler.hpp"
+#include "sparse.hpp"
+#include "types.hpp"
+
+namespace sus {
+namespace detail {
+
+struct SparseBackwardConfig {
+  // Kept entries ahead of the current one whose K, V, dK, dV rows are prefetched: the rows
+  // are gathered at random, and their cache misses, not the arithmetic, bound the kernel.
+  static constexpr index_t prefetch_distance = 4;
+  static_assert(prefetch_distance >= 0, "SparseBackwardConfig::prefetch_distance must be >= 0");
+};
+
+// Hint the cache to load [p, p + bytes). A no-op where the compiler has no prefetch builtin.
+inline void prefetch(const void* p, index_t bytes, bool write) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* c = static_cast<const char*>(p);
+  for (index_t off = 0; off < bytes; off += 64) {
+    if (write) __builtin_prefetch(c + off, 1, 3);
+    else __builtin_prefetch(c + off, 0, 3);
+  }
+#else
+  (void)p, (void)bytes, (void)write;
+#endif
+}
+
+struct DenseBackwardConfig {
+  // Query rows per block: dP and dS exist only for one block (row_block x n_k).
+  static constexpr index_t row_block = 256;
+  static_assert(row_block > 0, "DenseBackwardConfig::row_block must be positive");
+};
+
+template <class T>
+struct BackwardArgs {
+  const ConstMatrixRef<T>& Q;
+  const ConstMatrixRef<T>& K;
+  const ConstMatrixRef<T>& V;
+  const ConstMatrixRef<T>& O;
+  const ConstMatrixRef<T>& dO;
+  MatrixRef<T>& dQ;
+  MatrixRef<T>& dK;
+  MatrixRef<T>& dV;
+};
+
+template <class T>
+void check_backward_args(const char* fn, const BackwardArgs<T>& a, const AttentionOptions& o) {
+  const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
+  if (d < 1) fail(fn, "argument 'Q' has shape ", shape(n_q, d), ": head dim d must be >= 1");
+  if (d_v < 1) fail(fn, "argument 'V' has shape ", shape(a.V.rows(), d_v), ": value dim d_v must be >= 1");
+  check_shape(fn, "K", a.K, n_k, d, "n_k x d, d = Q.cols()");
+  check_shape(fn, "V", a.V, n_k, d_v, "n_k x d_v, n_k = K.rows()");
+  check_shape(fn, "O", a.O, n_q, d_v, "n_q x d_v");
+  check_shape(fn, "dO", a.dO, n_q, d_v, "n_q x d_v");
+  check_shape(fn, "dQ", a.dQ, n_q, d, "n_q x d, like Q");
+  check_shape(fn, "dK", a.dK, n_k, d, "n_k x d, like K");
+  check_shape(fn, "dV", a.dV, n_k, d_v, "n_k x d_v, like V");
+  if (o.causal && n_q != n_k)
+    fail(fn, "options.causal needs n_q = n_k, got Q ", shape(n_q, d), " and K ", shape(n_k, d));
+  check_finite(fn, "Q", a.Q);
+  check_finite(fn, "K", a.K);
+  check_finite(fn, "V", a.V);
+  check_finite(fn, "O", a.O);
+  check_finite(fn, "dO", a.dO);
+  const char* in_names[] = {"Q", "K", "V", "O", "dO"};
+  const ConstMatrixRef<T>* ins[] = {&a.Q, &a.K, &a.V, &a.O, &a.dO};
+  const char* out_names[] = {"dQ", "dK", "dV"};
+  MatrixRef<T>* outs[] = {&a.dQ, &a.dK, &a.dV};
+  for (int x = 0; x < 3; ++x) {
+    for (int y = 0; y < 5; ++y) check_no_overlap(fn, out_names[x], *outs[x], in_names[y], *ins[y]);
+    for (int y = x + 1; y < 3; ++y) check_no_overlap(fn, out_names[x], *outs[x], out_names[y], *outs[y]);
+  }
+}
+
+// The mask of a sparse backward: shape n_q x n_k, a valid Csr, nothing above the diagonal
+// when causal.
+template <class T>
+void check_mask(const char* fn, const Csr<T>& mask, index_t n_q, index_t n_k, bool causal) {
+  if (mask.rows != n_q || mask.cols != n_k)
+    fail(fn, "argument 'mask' has shape ", shape(mask.rows, mask.cols), ", expected ", shape(n_q, n_k),
+         " (n_q x n_k)");
+  try {
+    mask.validate();
+  } catch (const Error& e) {
+    fail(fn, "argument 'mask' is not a valid Csr: ", e.what());
+  }
+  if (causal)
+    for (index_t i = 0; i < n_q; ++i)
+      if (mask.row_nnz(i) > 0 && mask.col_indices[mask.row_offsets[i + 1] - 1] > i)
+        fail(fn, "argument 'mask' (", shape(n_q, n_k), ") has entry (", i, ", ",
+             mask.col_indices[mask.row_offsets[i + 1] - 1], ") above the diagonal but options.causal is set");
+}
+
+// The recorded weights of a dense backward: shape n_q x n_k, softmax rows, zero above the
+// diagonal when causal, not overlapping any output.
+template <class T>
+void check_dense_weights(const char* fn, const BackwardArgs<T>& a, const ConstMatrixRef<T>& W, bool causal) {
+  const index_t n_q = a.Q.rows(), n_k = a.K.rows();
+  check_shape(fn, "W", W, n_q, n_k, "n_q x n_k");
+  check_weights(fn, "W", W);
+  if (causal)
+    for (index_t i = 0; i + 1 < n_q; ++i)
+      if ((W.row(i).tail(n_k - i - 1).array() != T(0)).any())
+        fail(fn, "argument 'W' (", shape(n_q, n_k), ") has a non-zero entry above the diagonal in row ", i,
+             " but options.causal is set");
+  check_no_overlap(fn, "dQ", a.dQ, "W", W);
+  check_no_overlap(fn, "dK", a.dK, "W", W);
+  check_no_overlap(fn, "dV", a.dV, "W", W);
+}
+
+// D_i = dO_i · O_i (exact; O(n_q·d_v)).
+template <class T>
+Vector<T> row_dot(const ConstMatrixRef<T>& dO, const ConstMatrixRef<T>& O) {
+  Vector<T> D(dO.rows());
+  for (index_t i = 0; i < dO.rows(); ++i) D[i] = dot(dO.row(i).data(), O.row(i).data(), dO.cols());
+  return D;
+}
+
+// The fused SUS backward: one pass over the mask rows. For row i and each kept (i, j):
+//   dP_ij = dO_i · V_j                      (SDDMM)
+//   dS_ij = W̃_ij (dP_ij − D_i)
+//   acc_i += dS_ij K_j                      (SpMM, dQ_i = s·acc_i)
+//   gK_j  += dS_ij Q_i,  gV_j += W̃_ij dO_i  (transposed SpMMs, dK = s·gK, dV = gV)
+// Rows are visited in ascending order, so each gK_j / gV_j receives its terms in ascending i:
+// the same order, and the same operations, as the gather through the transposed mask
+// (sparse::spmm_transposed). The result is deterministic and bitwise equal to the composition
+// of the sparse primitives (tested).
+template <class T>
+void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool accumulate) {
+  const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
+  // D_i = dO_i · O_i
+  const Vector<T> D = row_dot<T>(a.dO, a.O);
+  // gK, gV: the unscaled transposed sums. Written straight into dK, dV unless accumulating.
+  Matrix<T> gK_tmp, gV_tmp;
+  if (accumulate) {
+    gK_tmp = Matrix<T>::Zero(n_k, d);
+    gV_tmp = Matrix<T>::Zero(n_k, d_v);
+  } else {
+    a.dK.setZero();
+    a.dV.setZero();
+  }
+  auto gK_row = [&](index_t j) { return accumulate ? gK_tmp.row(j).data() : a.dK.row(j).data(); };
+  auto gV_row = [&](index_t j) { return accumulate ? gV_tmp.row(j).data() : a.dV.row(j).data(); };
+  Eigen::Matrix<T, 1, Eigen::Dynamic> acc(d);
+  constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
+  const index_t nnz = mask.nnz();
+  for (index_t i = 0; i < n_q; ++i) {
+    const T* q_i = a.Q.row(i).data();
+    const T* do_i = a.dO.row(i).data();
+    acc.setZero();
+    for (index_t p = mask.row_offsets[i]; p < mask.row_offsets[i + 1]; ++p) {
+      if (ahead > 0 && p + ahead < nnz) {
+        const index_t jn = mask.col_indices[p + ahead];
+        prefetch(a.V.row(jn).data(), d_v * index_t(sizeof(T)), false);
+        prefetch(a.K.row(jn).data(), d * index_t(sizeof(T)), false);
+        prefetch(gK_row(jn), d * index_t(sizeof(T)), true);
+        prefetch(gV_row(jn), d_v * index_t(sizeof(T)), true);
+      }
+      const index_t j = mask.col_indices[p];
+      const T w = mask.values[p];
+      const T dS = w * (dot(do_i, a.V.row(j).data(), d_v) - D[i]);
+      axpy(dS, a.K.row(j).data(), acc.data(), d);
+      axpy(dS, q_i, gK_row(j), d);
+      axpy(w, do_i, gV_row(j), d_v);
+    }
+    if (accumulate) a.dQ.row(i).noalias() += s * acc;
+    else a.dQ.row(i).noalias() = s * acc;
+  }
+  // dK = s·gK, dV = gV
+  if (accumulate) {
+    a.dK.noalias() += s * gK_tmp;
+    a.dV += gV_tmp;
+  } else {
+    a.dK *= s;
+  }
+}
+
+template <class T>
+void attention_backward_sparse(const BackwardArgs<T>& a, const Csr<T>& mask, const AttentionOptions& o) {
+  constexpr const char* fn = "attention_backward_sparse";
+  check_backward_args(fn, a, o);
+  check_mask(fn, mask, a.Q.rows(), a.K.rows(), o.causal);
+  const T s = static_cast<T>(resolve_scale(fn, o, a.Q.cols()));
+
+  sparse_backward_kernel<T>(a, mask, s, o.accumulate);
+}
+
+template <class T>
+void attention_backward_dense(const BackwardArgs<T>& a, const ConstMatrixRef<T>& W, const AttentionOptions& o) {
+  constexpr const char* fn = "attention_backward_dense";
+  check_backward_args(fn, a, o);
+  check_dense_weights(fn, a, W, o.causal);
+  const index_t n_q = a.Q.rows(), n_k = a.K.rows();
+  const T s = static_cast<T>(resolve_scale(fn, o, a.Q.cols()));
+  constexpr index_t Br = DenseBackwardConfig::row_block;
+
+  if (!o.accumulate) {
+    a.dK.setZero();
+    a.dV.setZero();
+  }
+  // D_i = dO_i · O_i
+  const Vector<T> D = row_dot<T>(a.dO, a.O);
+  Matrix<T> dS(std::min(Br, n_q), n_k);
+  for (index_t i0 = 0; i0 < n_q; i0 += Br) {
+    const index_t rows = std::min(Br, n_q - i0);
+    const index_t kv = o.causal ? i0 + rows : n_k;  // W_b is zero beyond column kv
+    const auto W_b = W.block(i0, 0, rows, kv);
+    const auto dO_b = a.dO.middleRows(i0, rows);
+    auto dS_b = dS.topLeftCorner(rows, kv);
+    // dV += W_bᵀ·dO_b
+    a.dV.topRows(kv).noalias() += W_b.transpose() * dO_b;
+    // dP_b = dO_b·Vᵀ
+    dS_b.noalias() = dO_b * a.V.topRows(kv).transpose();
+    // dS_b = W_b ∘ (dP_b − D_b)
+    dS_b.array() = W_b.array() * (dS_b.array().colwise() - D.segment(i0, rows).array());
+    // dQ_b = s·dS_b·K
+    if (o.accumulate) a.dQ.middleRows(i0, rows).noalias() += s * (dS_b * a.K.topRows(kv));
+    else a.dQ.middleRows(i0, rows).noalias() = s * (dS_b * a.K.topRows(kv));
+    // dK += s·dS_bᵀ·Q_b
+    a.dK.topRows(kv).noalias() += s * (dS_b.transpose() * a.Q.middleRows(i0, rows));
+  }
+}
+
+}  // namespace detail
+
+/// SUS backward, O(nnz·d): gradients of O = softmax(s·Q·Kᵀ)·V with the sampled weights W̃
+/// (`mask`, from SusMask or sample_mask) in place of W. Unbiased; deterministic (no atomics:
+/// dK and dV go through the transposed mask).
+///   Q: n_q x d, K: n_k x d, V: n_k x d_v, O (forward output) and dO: n_q x d_v.
+///   mask: n_q x n_k Csr (validated; causal: no entry above the diagonal).
+///   dQ: n_q x d, dK: n_k x d, dV: n_k x d_v, caller-owned; overwritten, or added to when
+///   options.accumulate. Outputs must not overlap inputs or each other.
+/// Throws sus::Error on bad shapes, non-finite input, or an invalid mask.
+inline void attention_backward_sparse(const ConstMatrixRef<float>& Q, const ConstMatrixRef<float>& K,
+                                      const ConstMatrixRef<float>& V, const ConstMatrixRef<float>& O,
+                                      const ConstMatrixRef<float>& dO, const Csr<float>& mask, MatrixRef<float> dQ,
+                                      MatrixRef<float> dK, MatrixRef<float> dV, const AttentionOptions& options = {}) {
+  detail::attention_backward_sparse<float>({Q, K, V, O, dO, dQ, dK, dV}, mask, options);
+}
+inline void attention_backward_sparse(const ConstMatrixRef<double>& Q, const ConstMatrixRef<double>& K,
+                                      const ConstMatrixRef<double>& V, const ConstMatrixRef<double>& O,
+                                      const ConstMatrixRef<double>& dO, const Csr<double>& mask, MatrixRef<double> dQ,
+                                      MatrixRef<double> dK, MatrixRef<double> dV, const AttentionOptions& options = {}) {
+  detail::attention_backward_sparse<double>({Q, K, V, O, dO, dQ, dK, dV}, mask, options);
+}
+
+/// Exact backward from the recorded dense weights W (DenseWeights), O(n_q·n_k·d) in four
+/// blocked GEMMs (half of that when causal). The baseline SUS is measured against.
+/// Arguments as attention_backward_sparse, with W: n_q x n_k rows of softmax weights
+/// (checked: finite, ≥ 0, each row sums to 1 or is all zero; causal: zero above the diagonal).
+inline void attention_backward_dense(const ConstMatrixRef<float>& Q, const ConstMatrixRef<float>& K,
+                                     const ConstMatrixRef<float>& V, const ConstMatrixRef<float>& O,
+                                     const ConstMatrixRef<float>& dO, const ConstMatrixRef<float>& W,
+                                     MatrixRef<float> dQ, MatrixRef<float> dK, MatrixRef<float> dV,
+                                     const AttentionOptions& options = {}) {
+  detail::attention_backward_dense<float>({Q, K, V, O, dO, dQ, dK, dV}, W, options);
+}
+inline void attention_backward_dense(const ConstMatrixRef<double>& Q, const ConstMatrixRef<double>& K,
+                                     const ConstMatrixRef<double>& V, const ConstMatrixRef<double>& O,
+                                     const ConstMatrixRef<double>& dO, const ConstMatrixRef<double>& W,
+                                     MatrixRef<double> dQ, MatrixRef<double> dK, MatrixRef<double> dV,
+                                     const AttentionOptions& options = {}) {
+  detail::attention_backward_dense<double>({Q, K, V, O, dO, dQ, dK, dV}, W, options);
+}
+
+}  // namespace sus

@@ -1,0 +1,110 @@
+// sus — the sparse primitives of the SUS backward, each O(nnz·d):
+//   SDDMM             out_p = A_i · B_j          for every stored (i, j) = entry p of the pattern
+//   SpMM              C     = α·M·B              M: the pattern with values (rows x cols)
+//   transposed SpMM   C     = α·Mᵀ·B             through the transposed pattern: each output row
+//                                                is one gather-sum, so no atomics and a fixed order
+#pragma once
+
+#include <type_traits>
+
+#include "csr.hpp"
+#include "error.hpp"
+#include "types.hpp"
+
+namespace sus {
+namespace detail {
+template <class T>
+struct type_identity {
+  using type = T;
+};
+// Keeps T out of deduction so an Eigen::Matrix converts to the Ref parameter.
+template <class T>
+using nodeduce_t = typename type_identity<T>::type;
+
+// Dot product with a fixed summation order: 64 bytes of lanes, then a fixed pairwise tree.
+// Unlike Eigen's dot, the order does not depend on the pointers' alignment, so every kernel
+// that uses it gives the same bits for the same row, whatever the layout or thread split.
+template <class T>
+T dot(const T* a, const T* b, index_t n) {
+  constexpr int L = 64 / sizeof(T);
+  T acc[L] = {};
+  const index_t full = n - n % L;
+  for (index_t k = 0; k < full; k += L)
+    for (int l = 0; l < L; ++l) acc[l] += a[k + l] * b[k + l];
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  T tail = 0;
+  for (index_t k = full; k < n; ++k) tail += a[k] * b[k];
+  return acc[0] + tail;
+}
+
+// y += alpha·x (each element is one multiply-add: order-free).
+template <class T>
+void axpy(T alpha, const T* x, T* y, index_t n) {
+  for (index_t k = 0; k < n; ++k) y[k] += alpha * x[k];
+}
+}  // namespace detail
+
+namespace sparse {
+
+/// SDDMM: out[p] = A.row(i) · B.row(col_indices[p]) for each stored entry p of row i.
+///   pattern: rows x cols (values unused); A: rows x k; B: cols x k; out: pattern.nnz() entries.
+template <class T>
+void sddmm(const Csr<T>& pattern, const detail::nodeduce_t<ConstMatrixRef<T>>& A,
+           const detail::nodeduce_t<ConstMatrixRef<T>>& B, T* out) {
+  SUS_ASSERT(A.rows() == pattern.rows && B.rows() == pattern.cols && A.cols() == B.cols());
+  for (index_t i = 0; i < pattern.rows; ++i)
+    for (index_t p = pattern.row_offsets[i]; p < pattern.row_offsets[i + 1]; ++p)
+      out[p] = detail::dot(A.row(i).data(), B.row(pattern.col_indices[p]).data(), A.cols());
+}
+
+/// SpMM: C = alpha·M·B (accumulate: C += alpha·M·B), M = pattern with `values` (nnz entries).
+///   B: cols x k; C: rows x k.
+template <class T>
+void spmm(const Csr<T>& pattern, const T* values, const detail::nodeduce_t<ConstMatrixRef<T>>& B,
+          detail::nodeduce_t<MatrixRef<T>> C, T alpha, bool accumulate) {
+  SUS_ASSERT(B.rows() == pattern.cols && C.rows() == pattern.rows && C.cols() == B.cols());
+  Eigen::Matrix<T, 1, Eigen::Dynamic> acc(B.cols());
+  for (index_t i = 0; i < pattern.rows; ++i) {
+    acc.setZero();
+    for (index_t p = pattern.row_offsets[i]; p < pattern.row_offsets[i + 1]; ++p)
+      detail::axpy(values[p], B.row(pattern.col_indices[p]).data(), acc.data(), B.cols());
+    if (accumulate) C.row(i).noalias() += alpha * acc;
+    else C.row(i).noalias() = alpha * acc;
+  }
+}
+
+/// The transposed pattern of a rows x cols CSR, with the map back to the original entries.
+///   offsets: cols + 1 entries; rows: nnz entries (original row indices, ascending within each
+///   transposed row); perm: nnz entries, perm[q] = original position of transposed entry q.
+struct TransposedPattern {
+  index_t rows = 0;  // = original cols
+  index_t cols = 0;  // = original rows
+  detail::Transposed t;
+
+  template <class T>
+  explicit TransposedPattern(const Csr<T>& pattern) : rows(pattern.cols), cols(pattern.rows) {
+    detail::transpose_pattern(pattern.rows, pattern.cols, pattern.row_offsets.data(), pattern.col_indices.data(), t);
+  }
+};
+
+/// Transposed SpMM: C = alpha·Mᵀ·B (accumulate: C += ...), M = the original pattern with
+/// `values` (indexed by original position). B: original rows x k; C: original cols x k.
+/// Each row of C sums its entries in ascending original-row order: deterministic.
+template <class T>
+void spmm_transposed(const TransposedPattern& tp, const T* values, const detail::nodeduce_t<ConstMatrixRef<T>>& B,
+                     detail::nodeduce_t<MatrixRef<T>> C, T alpha, bool accumulate) {
+  SUS_ASSERT(B.rows() == tp.cols && C.rows() == tp.rows && C.cols() == B.cols());
+  const auto& off = tp.t.t_offsets;
+  Eigen::Matrix<T, 1, Eigen::Dynamic> acc(B.cols());
+  for (index_t j = 0; j < tp.rows; ++j) {
+    acc.setZero();
+    for (index_t q = off[j]; q < off[j + 1]; ++q)
+      detail::axpy(values[tp.t.perm[q]], B.row(tp.t.t_rows[q]).data(), acc.data(), B.cols());
+    if (accumulate) C.row(j).noalias() += alpha * acc;
+    else C.row(j).noalias() = alpha * acc;
+  }
+}
+
+}  // namespace sparse
+}  // namespace sus

@@ -1,0 +1,207 @@
+// Backward: the reference against float64 central finite differences, the GEMM dense
+// backward against the reference, and the sparse backward against both.
+#include <catch2/catch.hpp>
+
+#include "test_util.hpp"
+
+using namespace sus_test;
+
+namespace {
+
+struct Shape {
+  index_t n_q, n_k, d, d_v;
+  bool causal;
+  const char* targets;
+};
+
+const Shape kShapes[] = {
+    {1, 1, 1, 1, false, "one query, one key: W = 1, dQ = dK = 0"},
+    {5, 5, 3, 3, true, "causal, tiny"},
+    {6, 9, 4, 2, false, "cross attention, d_v < d"},
+    {12, 12, 5, 7, false, "d_v > d, odd sizes"},
+};
+
+// L(Q, K, V) = Σ O ∘ G for a fixed G, whose gradient is the backward with dO = G.
+double loss(const M<double>& Q, const M<double>& K, const M<double>& V, const M<double>& G,
+            const sus::AttentionOptions& o) {
+  M<double> O(Q.rows(), V.cols());
+  sus::reference::attention_forward<double>(Q, K, V, O, sus::NoRecord{}, o);
+  return (O.array() * G.array()).sum();
+}
+
+// Central differences dL/dX for every entry of X (X is one of Q, K, V inside the lambda).
+template <class F>
+M<double> finite_differences(M<double>& X, F loss_of_current, double h) {
+  M<double> g(X.rows(), X.cols());
+  for (index_t i = 0; i < X.rows(); ++i)
+    for (index_t j = 0; j < X.cols(); ++j) {
+      const double x = X(i, j);
+      X(i, j) = x + h;
+      const double up = loss_of_current();
+      X(i, j) = x - h;
+      const double down = loss_of_current();
+      X(i, j) = x;
+      g(i, j) = (up - down) / (2 * h);
+    }
+  return g;
+}
+
+}  // namespace
+
+TEST_CASE("reference backward matches float64 central finite differences within 1e-6", "[backward][reference]") {
+  std::uint64_t seed = 11;
+  for (const Shape& s : kShapes) {
+    INFO(s.targets);
+    Problem<double> p(s.n_q, s.n_k, s.d, s.d_v, s.causal, seed += 10, 1.5);
+    Grads<double> g(p), gs(p);
+    sus::reference::attention_backward_dense<double>(p.Q, p.K, p.V, p.O, p.dO, p.W, g.dQ, g.dK, g.dV, p.options);
+    // The reference sparse backward on the keep-everything mask is the same computation.
+    const auto all = sus::sample_mask(p.W, {static_cast<int>(s.n_k), sus::Budget::waterfill, sus::Draw::systematic, 0});
+    sus::reference::attention_backward_sparse<double>(p.Q, p.K, p.V, p.O, p.dO, all, gs.dQ, gs.dK, gs.dV, p.options);
+
+    auto L = [&] { return loss(p.Q, p.K, p.V, p.dO, p.options); };
+    const double h = 1e-5;
+    const M<double> fQ = finite_differences(p.Q, L, h), fK = finite_differences(p.K, L, h),
+                    fV = finite_differences(p.V, L, h);
+    // Relative to the largest gradient entry of the three (dQ, dK are exactly 0 when n_k = 1).
+    const double scale = std::max({fQ.cwiseAbs().maxCoeff(), fK.cwiseAbs().maxCoeff(), fV.cwiseAbs().maxCoeff()});
+    const double eQ = (g.dQ - fQ).cwiseAbs().maxCoeff() / scale, eK = (g.dK - fK).cwiseAbs().maxCoeff() / scale,
+                 eV = (g.dV - fV).cwiseAbs().maxCoeff() / scale;
+    CAPTURE(eQ, eK, eV, scale);
+    CHECK(eQ <= 1e-6);
+    CHECK(eK <= 1e-6);
+    CHECK(eV <= 1e-6);
+    CHECK(max_rel_error(gs.dQ, g.dQ) <= 1e-13);
+    CHECK(max_rel_error(gs.dK, g.dK) <= 1e-13);
+    CHECK(max_rel_error(gs.dV, g.dV) <= 1e-13);
+  }
+}
+
+TEST_CASE("GEMM dense backward (float) matches the float64 reference within 1e-5", "[backward]") {
+  const Shape shapes[] = {
+      {64, 64, 16, 16, true, "causal, less than one backward block (256)"},
+      {300, 300, 64, 64, true, "causal, a full and a partial block: dK/dV rows beyond the block"},
+      {257, 100, 32, 24, false, "n_q one past a block, cross attention"},
+      {3, 500, 8, 8, false, "few queries, many keys"},
+  };
+  std::uint64_t seed = 500;
+  for (const Shape& s : shapes) {
+    INFO(s.targets);
+    const Problem<float> p(s.n_q, s.n_k, s.d, s.d_v, s.causal, seed += 10, 2.0);
+    Grads<float> g(p);
+    sus::attention_backward_dense(p.Q, p.K, p.V, p.O, p.dO, p.W, g.dQ, g.dK, g.dV, p.options);
+    Grads<double> r(p);
+    sus::reference::attention_backward_dense<double>(p.Q.cast<double>(), p.K.cast<double>(), p.V.cast<double>(),
+                                                     p.O.cast<double>(), p.dO.cast<double>(), p.W.cast<double>(), r.dQ,
+                                                     r.dK, r.dV, p.options);
+    const double eQ = max_rel_error(g.dQ, r.dQ), eK = max_rel_error(g.dK, r.dK), eV = max_rel_error(g.dV, r.dV);
+    CAPTURE(eQ, eK, eV);
+    CHECK(eQ <= 1e-5);
+    CHECK(eK <= 1e-5);
+    CHECK(eV <= 1e-5);
+  }
+}
+
+TEST_CASE("sparse backward with a keep-everything mask equals the dense backward within 1e-5", "[backward]") {
+  for (bool causal : {false, true})
+    for (auto draw : {sus::Draw::independent, sus::Draw::systematic}) {
+      INFO("causal=" << causal << " draw=" << sus::to_string(draw));
+      const index_t n = 200, d = 32;
+      const Problem<float> p(n, n, d, d, causal, 42, 2.0);
+      // waterfill with c >= support keeps every non-zero weight with q = 1: W̃ = W exactly.
+      const auto all = sus::sample_mask(p.W, {static_cast<int>(n), sus::Budget::waterfill, draw, 3});
+      const index_t expected_nnz = causal ? n * (n + 1) / 2 : n * n;
+      REQUIRE(all.nnz() == expected_nnz);
+      Grads<float> gs(p), gd(p);
+      sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, all, gs.dQ, gs.dK, gs.dV, p.options);
+      sus::attention_backward_dense(p.Q, p.K, p.V, p.O, p.dO, p.W, gd.dQ, gd.dK, gd.dV, p.options);
+      const double eQ = max_rel_error(gs.dQ, gd.dQ), eK = max_rel_error(gs.dK, gd.dK), eV = max_rel_error(gs.dV, gd.dV);
+      CAPTURE(eQ, eK, eV);
+      CHECK(eQ <= 1e-5);
+      CHECK(eK <= 1e-5);
+      CHECK(eV <= 1e-5);
+    }
+}
+
+TEST_CASE("sparse backward matches the reference sparse backward on sampled masks", "[backward]") {
+  std::uint64_t seed = 900;
+  for (bool causal : {false, true})
+    for (int c : {1, 4, 16}) {
+      INFO("causal=" << causal << " c=" << c);
+      const Problem<float> p(130, 130, 24, 20, causal, seed += 3, 2.0);
+      const auto mask = sus::sample_mask(p.W, {c, sus::Budget::paper, sus::Draw::independent, seed});
+      Grads<float> g(p);
+      sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, g.dQ, g.dK, g.dV, p.options);
+      const sus::Csr<double> mask64 = mask.cast<double>();
+      Grads<double> r(p);
+      sus::reference::attention_backward_sparse<double>(p.Q.cast<double>(), p.K.cast<double>(), p.V.cast<double>(),
+                                                        p.O.cast<double>(), p.dO.cast<double>(), mask64, r.dQ, r.dK,
+                                                        r.dV, p.options);
+      const double eQ = max_rel_error(g.dQ, r.dQ), eK = max_rel_error(g.dK, r.dK), eV = max_rel_error(g.dV, r.dV);
+      CAPTURE(eQ, eK, eV);
+      CHECK(eQ <= 1e-5);
+      CHECK(eK <= 1e-5);
+      CHECK(eV <= 1e-5);
+    }
+}
+
+TEST_CASE("determinism: same seed gives bitwise identical masks and gradients, other seeds differ",
+          "[backward][determinism]") {
+  const Problem<float> p(120, 120, 16, 16, true, 3, 2.0);
+  for (auto budget : {sus::Budget::paper, sus::Budget::waterfill})
+    for (auto draw : {sus::Draw::independent, sus::Draw::systematic}) {
+      INFO(sus::to_string(budget) << "/" << sus::to_string(draw));
+      auto run = [&](std::uint64_t seed) {
+        sus::SusMask<float> rec({4, budget, draw, seed});
+        M<float> O(p.Q.rows(), p.V.cols());
+        sus::attention_forward(p.Q, p.K, p.V, O, rec, p.options);
+        Grads<float> g(p);
+        sus::attention_backward_sparse(p.Q, p.K, p.V, O, p.dO, rec.mask, g.dQ, g.dK, g.dV, p.options);
+        return std::make_pair(rec.mask, g);
+      };
+      const auto a = run(17), b = run(17), c = run(18);
+      CHECK(a.first.col_indices == b.first.col_indices);
+      CHECK(a.first.values == b.first.values);
+      // Bitwise: compare the bytes, not with a tolerance.
+      CHECK(a.second.dQ == b.second.dQ);
+      CHECK(a.second.dK == b.second.dK);
+      CHECK(a.second.dV == b.second.dV);
+      CHECK(a.first.col_indices != c.first.col_indices);
+      CHECK(a.second.dQ != c.second.dQ);
+    }
+}
+
+TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed SpMM", "[backward][sparse]") {
+  // The fused kernel scatters into dK, dV in ascending row order; the composition gathers
+  // through the transposed mask in the same order. Same operations, same order: same bits.
+  for (bool accumulate : {false, true}) {
+    INFO("accumulate=" << accumulate);
+    const Problem<float> p(150, 170, 24, 20, false, 61, 2.0);
+    const auto mask = sus::sample_mask(p.W, {5, sus::Budget::waterfill, sus::Draw::independent, 8});
+    const float s = static_cast<float>(1.0 / std::sqrt(24.0));  // as the library rounds it
+    sus::AttentionOptions o = p.options;
+    o.accumulate = accumulate;
+    Grads<float> fused(p), composed(p);
+    for (Grads<float>* g : {&fused, &composed}) {  // same starting values for accumulate
+      g->dQ = random_matrix<float>(150, 24, 1);
+      g->dK = random_matrix<float>(170, 24, 2);
+      g->dV = random_matrix<float>(170, 20, 3);
+    }
+    sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, fused.dQ, fused.dK, fused.dV, o);
+
+    const sus::Vector<float> D = sus::detail::row_dot<float>(p.dO, p.O);
+    std::vector<float> dS(static_cast<std::size_t>(mask.nnz()));
+    sus::sparse::sddmm<float>(mask, p.dO, p.V, dS.data());  // dP on the mask
+    for (index_t i = 0; i < mask.rows; ++i)
+      for (index_t e = mask.row_offsets[i]; e < mask.row_offsets[i + 1]; ++e)
+        dS[e] = mask.values[e] * (dS[e] - D[i]);
+    sus::sparse::spmm<float>(mask, dS.data(), p.K, composed.dQ, s, accumulate);
+    const sus::sparse::TransposedPattern t(mask);
+    sus::sparse::spmm_transposed<float>(t, dS.data(), p.Q, composed.dK, s, accumulate);
+    sus::sparse::spmm_transposed<float>(t, mask.values.data(), p.dO, composed.dV, 1.0f, accumulate);
+    CHECK(fused.dQ == composed.dQ);
+    CHECK(fused.dK == composed.dK);
+    CHECK(fused.dV == composed.dV);
+    CAPTURE((fused.dK - composed.dK).cwiseAbs().maxCoeff());
+  }
+}

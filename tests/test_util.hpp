@@ -1,0 +1,80 @@
+// Shared helpers for the sus tests.
+#pragma once
+
+#include <sus/sus.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+
+namespace sus_test {
+
+using sus::index_t;
+template <class T>
+using M = sus::Matrix<T>;
+
+// Random matrix with entries uniform in [-scale, scale], fixed seed.
+template <class T>
+M<T> random_matrix(index_t rows, index_t cols, std::uint64_t seed, double scale = 1.0) {
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<double> dist(-scale, scale);
+  M<T> m(rows, cols);
+  for (index_t i = 0; i < rows; ++i)
+    for (index_t j = 0; j < cols; ++j) m(i, j) = static_cast<T>(dist(gen));
+  return m;
+}
+
+// Norm-wise relative error: max|a − b| / max|b| (max|b| floored at 1e-30).
+// Elementwise relative error is meaningless for entries near zero; this is the error
+// relative to the scale of the reference.
+template <class A, class B>
+double max_rel_error(const A& a, const B& b) {
+  const auto ad = a.template cast<double>();
+  const auto bd = b.template cast<double>();
+  const double scale = std::max(bd.cwiseAbs().maxCoeff(), 1e-30);
+  return (ad - bd).cwiseAbs().maxCoeff() / scale;
+}
+
+// One attention problem (single head) with its exact forward state.
+template <class T>
+struct Problem {
+  M<T> Q, K, V, dO, O, W;
+  sus::AttentionOptions options;
+
+  Problem(index_t n_q, index_t n_k, index_t d, index_t d_v, bool causal, std::uint64_t seed, double qk_scale = 1.0)
+      : Q(random_matrix<T>(n_q, d, seed, qk_scale)),
+        K(random_matrix<T>(n_k, d, seed + 1, qk_scale)),
+        V(random_matrix<T>(n_k, d_v, seed + 2)),
+        dO(random_matrix<T>(n_q, d_v, seed + 3)),
+        O(n_q, d_v) {
+    options.causal = causal;
+    sus::DenseWeights<T> rec;
+    sus::attention_forward(Q, K, V, O, rec, options);
+    W = rec.W;
+  }
+};
+
+// Gradients of one backward call.
+template <class T>
+struct Grads {
+  M<T> dQ, dK, dV;
+  Grads(index_t n_q, index_t n_k, index_t d, index_t d_v) : dQ(n_q, d), dK(n_k, d), dV(n_k, d_v) {}
+  template <class P>
+  explicit Grads(const P& p) : Grads(p.Q.rows(), p.K.rows(), p.Q.cols(), p.V.cols()) {}
+};
+
+// Two-sided standard normal tail: P(|Z| > z).
+inline double normal_two_sided_tail(double z) { return std::erfc(z / std::sqrt(2.0)); }
+
+// Smallest z with P(|Z| > z) ≤ alpha (bisection; used for Bonferroni thresholds).
+inline double normal_two_sided_quantile(double alpha) {
+  double lo = 0, hi = 40;
+  for (int it = 0; it < 200; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    (normal_two_sided_tail(mid) > alpha ? lo : hi) = mid;
+  }
+  return hi;
+}
+
+}  // namespace sus_test
