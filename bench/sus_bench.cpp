@@ -1,0 +1,164 @@
+// sus_bench — the sparse (SUS) attention backward against an honest dense baseline and the
+// machine's own GEMM rate, in one binary so ratios are taken in one run.
+//
+// Case names (read by bench/report):
+//   gemm_roofline/n:N/d:D         the GEMMs attention is made of, as single full-size Eigen
+//                                 GEMMs: S = Q·Kᵀ (n x d · d x n) and O = W·V (n x n · n x d).
+//                                 Flop model 4·n²·d. The rate a dense kernel can hope for.
+//   forward_dense/n:N/d:D         attention_forward + LogSumExp (no n x n kept). 4·n²·d flops.
+//   forward_sus/n:N/d:D/c:C       attention_forward + SusMask (fused sampling). 4·n²·d flops.
+//   backward_dense/n:N/d:D        attention_backward_dense from recorded W. 8·n²·d flops.
+//   backward_sus/n:N/d:D/c:C      attention_backward_sparse on a SusMask. 8·nnz·d flops
+//                                 (SDDMM, SpMM, two transposed SpMMs: 2·d each per kept entry).
+//   sample/n:N/c:C                sample_mask on a recorded W (n x n), paper/independent.
+// Single head, non-causal, d_v = d, float, Q, K ~ N(0, 1.5²) (mildly peaked attention).
+// Counters: GFLOP/s (flop model above), nnz (kept entries), kept_per_row.
+#include <benchmark/benchmark.h>
+#include <sus/sus.hpp>
+
+#include <cmath>
+#include <map>
+#include <memory>
+#include <random>
+#include <tuple>
+
+namespace {
+
+using Mat = sus::Matrix<float>;
+using sus::index_t;
+
+struct Inputs {
+  Mat Q, K, V, dO, O;
+  explicit Inputs(index_t n, index_t d) : O(n, d) {
+    std::mt19937_64 gen(n * 1000 + d);
+    std::normal_distribution<float> qk(0.0f, 1.5f), v(0.0f, 1.0f);
+    auto fill = [&](index_t r, index_t c, std::normal_distribution<float>& dist) {
+      Mat m(r, c);
+      for (index_t i = 0; i < m.size(); ++i) m.data()[i] = dist(gen);
+      return m;
+    };
+    Q = fill(n, d, qk);
+    K = fill(n, d, qk);
+    V = fill(n, d, v);
+    dO = fill(n, d, v);
+    sus::attention_forward(Q, K, V, O, sus::NoRecord{});
+  }
+};
+
+// Inputs are built once per (n, d) and shared by every case of that shape.
+const Inputs& inputs(index_t n, index_t d) {
+  static std::map<std::pair<index_t, index_t>, std::unique_ptr<Inputs>> cache;
+  auto& slot = cache[{n, d}];
+  if (!slot) slot = std::make_unique<Inputs>(n, d);
+  return *slot;
+}
+
+const sus::SamplerOptions sampler(int c) { return {c, sus::Budget::paper, sus::Draw::independent, 7}; }
+
+void set_rate(benchmark::State& state, double flops_per_iteration) {
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops_per_iteration * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void gemm_roofline(benchmark::State& state) {
+  const index_t n = state.range(0), d = state.range(1);
+  const Inputs& in = inputs(n, d);
+  Mat S(n, n), O(n, d);
+  for (auto _ : state) {
+    S.noalias() = in.Q * in.K.transpose();
+    O.noalias() = S * in.V;
+    benchmark::DoNotOptimize(O.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, 4.0 * n * n * d);
+}
+
+void forward_dense(benchmark::State& state) {
+  const index_t n = state.range(0), d = state.range(1);
+  const Inputs& in = inputs(n, d);
+  Mat O(n, d);
+  sus::LogSumExp<float> lse;
+  for (auto _ : state) {
+    sus::attention_forward(in.Q, in.K, in.V, O, lse);
+    benchmark::DoNotOptimize(O.data());
+  }
+  set_rate(state, 4.0 * n * n * d);
+}
+
+void forward_sus(benchmark::State& state) {
+  const index_t n = state.range(0), d = state.range(1);
+  const int c = static_cast<int>(state.range(2));
+  const Inputs& in = inputs(n, d);
+  Mat O(n, d);
+  sus::LogSumExp<float> lse;
+  sus::SusMask<float> mask(sampler(c));
+  for (auto _ : state) {
+    sus::attention_forward(in.Q, in.K, in.V, O, sus::recorders(lse, mask));
+    benchmark::DoNotOptimize(mask.mask.values.data());
+  }
+  set_rate(state, 4.0 * n * n * d);
+  state.counters["nnz"] = static_cast<double>(mask.mask.nnz());
+  state.counters["kept_per_row"] = static_cast<double>(mask.mask.nnz()) / static_cast<double>(n);
+}
+
+void backward_dense(benchmark::State& state) {
+  const index_t n = state.range(0), d = state.range(1);
+  const Inputs& in = inputs(n, d);
+  sus::DenseWeights<float> W;
+  Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
+  sus::attention_forward(in.Q, in.K, in.V, O, W);
+  for (auto _ : state) {
+    sus::attention_backward_dense(in.Q, in.K, in.V, O, in.dO, W.W, dQ, dK, dV);
+    benchmark::DoNotOptimize(dV.data());
+  }
+  set_rate(state, 8.0 * n * n * d);
+}
+
+void backward_sus(benchmark::State& state) {
+  const index_t n = state.range(0), d = state.range(1);
+  const int c = static_cast<int>(state.range(2));
+  const Inputs& in = inputs(n, d);
+  sus::SusMask<float> mask(sampler(c));
+  Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
+  sus::attention_forward(in.Q, in.K, in.V, O, mask);
+  for (auto _ : state) {
+    sus::attention_backward_sparse(in.Q, in.K, in.V, O, in.dO, mask.mask, dQ, dK, dV);
+    benchmark::DoNotOptimize(dV.data());
+  }
+  set_rate(state, 8.0 * static_cast<double>(mask.mask.nnz()) * d);
+  state.counters["nnz"] = static_cast<double>(mask.mask.nnz());
+  state.counters["kept_per_row"] = static_cast<double>(mask.mask.nnz()) / static_cast<double>(n);
+}
+
+void sample(benchmark::State& state) {
+  const index_t n = state.range(0);
+  const int c = static_cast<int>(state.range(1));
+  const Inputs& in = inputs(n, 64);
+  sus::DenseWeights<float> W;
+  Mat O(n, 64);
+  sus::attention_forward(in.Q, in.K, in.V, O, W);
+  index_t nnz = 0;
+  for (auto _ : state) {
+    const auto mask = sus::sample_mask(W.W, sampler(c));
+    nnz = mask.nnz();
+    benchmark::DoNotOptimize(mask.values.data());
+  }
+  state.counters["nnz"] = static_cast<double>(nnz);
+  state.counters["entries/s"] =
+      benchmark::Counter(static_cast<double>(n) * n, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+const std::vector<int64_t> kN = {1024, 2048, 4096, 8192, 16384};
+const std::vector<int64_t> kD = {64, 128};
+const std::vector<int64_t> kC = {16, 32, 64};
+
+}  // namespace
+
+BENCHMARK(gemm_roofline)->ArgNames({"n", "d"})->ArgsProduct({kN, kD})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(forward_dense)->ArgNames({"n", "d"})->ArgsProduct({kN, kD})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(forward_sus)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, kD, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(backward_dense)->ArgNames({"n", "d"})->ArgsProduct({kN, kD})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(backward_sus)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, kD, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(sample)->ArgNames({"n", "c"})->ArgsProduct({kN, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+BENCHMARK_MAIN();
