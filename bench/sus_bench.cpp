@@ -2,9 +2,11 @@
 // machine's own GEMM rate, in one binary so ratios are taken in one run.
 //
 // Case names (read by bench/report):
-//   gemm_roofline/n:N/d:D         the GEMMs attention is made of, as single full-size Eigen
-//                                 GEMMs: S = Q·Kᵀ (n x d · d x n) and O = W·V (n x n · n x d).
-//                                 Flop model 4·n²·d. The rate a dense kernel can hope for.
+//   gemm_roofline/n:N/d:D         only the GEMMs of the forward, with exactly its shapes: per
+//                                 block of row_block query rows, S_b = Q_b·Kᵀ and O_b = S_b·V
+//                                 (no softmax). Flop model 4·n²·d. (Full-size n x n GEMMs are
+//                                 slower here: S round-trips memory.) The rate the dense kernels
+//                                 are measured against.
 //   forward_dense/n:N/d:D         attention_forward + LogSumExp (no n x n kept). 4·n²·d flops.
 //   forward_sus/n:N/d:D/c:C       attention_forward + SusMask (fused sampling). 4·n²·d flops.
 //   backward_dense/n:N/d:D        attention_backward_dense from recorded W. 8·n²·d flops.
@@ -16,6 +18,7 @@
 #include <benchmark/benchmark.h>
 #include <sus/sus.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -63,10 +66,14 @@ void set_rate(benchmark::State& state, double flops_per_iteration) {
 void gemm_roofline(benchmark::State& state) {
   const index_t n = state.range(0), d = state.range(1);
   const Inputs& in = inputs(n, d);
-  Mat S(n, n), O(n, d);
+  constexpr index_t Br = sus::detail::ForwardConfig::row_block;
+  Mat S(Br, n), O(n, d);
   for (auto _ : state) {
-    S.noalias() = in.Q * in.K.transpose();
-    O.noalias() = S * in.V;
+    for (index_t i0 = 0; i0 < n; i0 += Br) {
+      const index_t rows = std::min(Br, n - i0);
+      S.topRows(rows).noalias() = in.Q.middleRows(i0, rows) * in.K.transpose();
+      O.middleRows(i0, rows).noalias() = S.topRows(rows) * in.V;
+    }
     benchmark::DoNotOptimize(O.data());
     benchmark::ClobberMemory();
   }

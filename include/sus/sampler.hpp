@@ -154,7 +154,17 @@ double inclusion_probabilities(const T* w, index_t n, int c, Budget budget, T* q
   } else {  // keep λ in double where T would round it
     for (index_t j = 0; j < n; ++j) q[j] = static_cast<T>(std::min(1.0, lambda * w[j]));
   }
-  return detail::lane_sum(0, n, [&](index_t j) { return static_cast<double>(q[j]); });
+  double sum = detail::lane_sum(0, n, [&](index_t j) { return static_cast<double>(q[j]); });
+  if (budget == Budget::paper && sum > c) {
+    // Only from the row-sum tolerance (Σw = 1 + ε gives Σq up to c·(1 + ε); waterfill hits c
+    // by construction):
+    // scale q down so Σq ≤ c holds and the systematic draw's c points cover every entry.
+    // q stays the exact inclusion probability, so W/q stays unbiased.
+    const T shrink = static_cast<T>(c / sum);
+    for (index_t j = 0; j < n; ++j) q[j] *= shrink;
+    sum = detail::lane_sum(0, n, [&](index_t j) { return static_cast<double>(q[j]); });
+  }
+  return sum;
 }
 
 /// Samples rows of recorded weights one at a time with reusable scratch. Not thread-safe;
