@@ -87,7 +87,9 @@ def main():
         for c in a.c:
             run, nnz = sus_backward(Q, K, V, dO, s, c, seed=7)
             rows.append({"name": f"torch_sus_backward/n:{n}/d:{d}/c:{c}", "ms": median_ms(run, a.repetitions), "nnz": nnz})
-    print(json.dumps({"torch": torch.__version__, "threads": a.threads, "rows": rows}))
+    blas = [line.strip() for line in torch.__config__.show().splitlines() if "BLAS_INFO" in line]
+    blas_info = blas[0].split("BLAS_INFO=")[1].split(",")[0] if blas else "unknown"
+    print(json.dumps({"torch": torch.__version__, "blas": blas_info, "threads": a.threads, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,6 @@ using namespace sus_test;
 
 namespace {
 
-struct Shape {
-  index_t n_q, n_k, d, d_v;
-  bool causal;
-  const char* targets;
-};
-
 const Shape kShapes[] = {
     {1, 1, 1, 1, false, "one query, one key: W = 1, dQ = dK = 0"},
     {5, 5, 3, 3, true, "causal, tiny"},
@@ -94,11 +88,7 @@ TEST_CASE("GEMM dense backward (float) matches the float64 reference within 1e-5
     sus::reference::attention_backward_dense<double>(p.Q.cast<double>(), p.K.cast<double>(), p.V.cast<double>(),
                                                      p.O.cast<double>(), p.dO.cast<double>(), p.W.cast<double>(), r.dQ,
                                                      r.dK, r.dV, p.options);
-    const double eQ = max_rel_error(g.dQ, r.dQ), eK = max_rel_error(g.dK, r.dK), eV = max_rel_error(g.dV, r.dV);
-    CAPTURE(eQ, eK, eV);
-    CHECK(eQ <= 1e-5);
-    CHECK(eK <= 1e-5);
-    CHECK(eV <= 1e-5);
+    check_grads_close(g, r, 1e-5);
   }
 }
 
@@ -115,11 +105,7 @@ TEST_CASE("sparse backward with a keep-everything mask equals the dense backward
       Grads<float> gs(p), gd(p);
       sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, all, gs.dQ, gs.dK, gs.dV, p.options);
       sus::attention_backward_dense(p.Q, p.K, p.V, p.O, p.dO, p.W, gd.dQ, gd.dK, gd.dV, p.options);
-      const double eQ = max_rel_error(gs.dQ, gd.dQ), eK = max_rel_error(gs.dK, gd.dK), eV = max_rel_error(gs.dV, gd.dV);
-      CAPTURE(eQ, eK, eV);
-      CHECK(eQ <= 1e-5);
-      CHECK(eK <= 1e-5);
-      CHECK(eV <= 1e-5);
+      check_grads_close(gs, gd, 1e-5);
     }
 }
 
@@ -137,11 +123,7 @@ TEST_CASE("sparse backward matches the reference sparse backward on sampled mask
       sus::reference::attention_backward_sparse<double>(p.Q.cast<double>(), p.K.cast<double>(), p.V.cast<double>(),
                                                         p.O.cast<double>(), p.dO.cast<double>(), mask64, r.dQ, r.dK,
                                                         r.dV, p.options);
-      const double eQ = max_rel_error(g.dQ, r.dQ), eK = max_rel_error(g.dK, r.dK), eV = max_rel_error(g.dV, r.dV);
-      CAPTURE(eQ, eK, eV);
-      CHECK(eQ <= 1e-5);
-      CHECK(eK <= 1e-5);
-      CHECK(eV <= 1e-5);
+      check_grads_close(g, r, 1e-5);
     }
 }
 

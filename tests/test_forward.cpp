@@ -8,12 +8,6 @@ using namespace sus_test;
 
 namespace {
 
-struct Shape {
-  index_t n_q, n_k, d, d_v;
-  bool causal;
-  const char* targets;
-};
-
 // Each row names what it targets.
 const Shape kShapes[] = {
     {1, 1, 1, 1, false, "smallest problem: one query, one key, d = 1"},

@@ -1,6 +1,7 @@
 // Shared helpers for the sus tests.
 #pragma once
 
+#include <catch2/catch.hpp>
 #include <sus/sus.hpp>
 
 #include <algorithm>
@@ -36,6 +37,13 @@ double max_rel_error(const A& a, const B& b) {
   return (ad - bd).cwiseAbs().maxCoeff() / scale;
 }
 
+// A row of a test table: one problem shape, and the bug it targets.
+struct Shape {
+  index_t n_q, n_k, d, d_v;
+  bool causal;
+  const char* targets;
+};
+
 // One attention problem (single head) with its exact forward state.
 template <class T>
 struct Problem {
@@ -63,6 +71,17 @@ struct Grads {
   template <class P>
   explicit Grads(const P& p) : Grads(p.Q.rows(), p.K.rows(), p.Q.cols(), p.V.cols()) {}
 };
+
+// Checks each of dQ, dK, dV against a reference: max_rel_error ≤ tol (reported on failure).
+template <class A, class B>
+void check_grads_close(const A& got, const B& ref, double tol) {
+  const double eQ = max_rel_error(got.dQ, ref.dQ), eK = max_rel_error(got.dK, ref.dK),
+               eV = max_rel_error(got.dV, ref.dV);
+  CAPTURE(eQ, eK, eV, tol);
+  CHECK(eQ <= tol);
+  CHECK(eK <= tol);
+  CHECK(eV <= tol);
+}
 
 // Two-sided standard normal tail: P(|Z| > z).
 inline double normal_two_sided_tail(double z) { return std::erfc(z / std::sqrt(2.0)); }

@@ -155,11 +155,12 @@ double inclusion_probabilities(const T* w, index_t n, int c, Budget budget, T* q
     for (index_t j = 0; j < n; ++j) q[j] = static_cast<T>(std::min(1.0, lambda * w[j]));
   }
   double sum = detail::lane_sum(0, n, [&](index_t j) { return static_cast<double>(q[j]); });
-  if (budget == Budget::paper && sum > c) {
+  if (budget == Budget::paper && sum > c * (1 + 1e-6)) {
     // Only from the row-sum tolerance (Σw = 1 + ε gives Σq up to c·(1 + ε); waterfill hits c
-    // by construction):
-    // scale q down so Σq ≤ c holds and the systematic draw's c points cover every entry.
-    // q stays the exact inclusion probability, so W/q stays unbiased.
+    // by construction): scale q down so Σq ≤ c and the systematic draw's c points cover every
+    // entry. q stays the exact inclusion probability, so W/q stays unbiased. Below the
+    // threshold (rounding of a float softmax row, ~1e-7) q is left as min(1, c·w); the cap
+    // then shortens the last interval by at most 1e-6·c.
     const T shrink = static_cast<T>(c / sum);
     for (index_t j = 0; j < n; ++j) q[j] *= shrink;
     sum = detail::lane_sum(0, n, [&](index_t j) { return static_cast<double>(q[j]); });
