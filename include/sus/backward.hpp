@@ -70,8 +70,7 @@ void check_backward_args(const char* fn, const BackwardArgs<T>& a, const Attenti
   check_shape(fn, "dQ", a.dQ, n_q, d, "n_q x d, like Q");
   check_shape(fn, "dK", a.dK, n_k, d, "n_k x d, like K");
   check_shape(fn, "dV", a.dV, n_k, d_v, "n_k x d_v, like V");
-  if (o.causal && n_q != n_k)
-    fail(fn, "options.causal needs n_q = n_k, got Q ", shape(n_q, d), " and K ", shape(n_k, d));
+  resolve_scale(fn, o, d);
   check_finite(fn, "Q", a.Q);
   check_finite(fn, "K", a.K);
   check_finite(fn, "V", a.V);
@@ -87,10 +86,10 @@ void check_backward_args(const char* fn, const BackwardArgs<T>& a, const Attenti
   }
 }
 
-// The mask of a sparse backward: shape n_q x n_k, a valid Csr, nothing above the diagonal
-// when causal.
+// The mask of a sparse backward: shape n_q x n_k, a valid Csr, no entry a causal query
+// cannot see.
 template <class T>
-void check_mask(const char* fn, const Csr<T>& mask, index_t n_q, index_t n_k, bool causal) {
+void check_mask(const char* fn, const Csr<T>& mask, index_t n_q, index_t n_k, const AttentionOptions& o) {
   if (mask.rows != n_q || mask.cols != n_k)
     fail(fn, "argument 'mask' has shape ", shape(mask.rows, mask.cols), ", expected ", shape(n_q, n_k),
          " (n_q x n_k)");
@@ -99,25 +98,28 @@ void check_mask(const char* fn, const Csr<T>& mask, index_t n_q, index_t n_k, bo
   } catch (const Error& e) {
     fail(fn, "argument 'mask' is not a valid Csr: ", e.what());
   }
-  if (causal)
+  if (o.causal)
     for (index_t i = 0; i < n_q; ++i)
-      if (mask.row_nnz(i) > 0 && mask.col_indices[mask.row_offsets[i + 1] - 1] > i)
+      if (mask.row_nnz(i) > 0 && mask.col_indices[mask.row_offsets[i + 1] - 1] >= visible_keys(i, n_q, n_k, o))
         fail(fn, "argument 'mask' (", shape(n_q, n_k), ") has entry (", i, ", ",
-             mask.col_indices[mask.row_offsets[i + 1] - 1], ") above the diagonal but options.causal is set");
+             mask.col_indices[mask.row_offsets[i + 1] - 1], ") above the diagonal but options.causal is set (",
+             to_string(o.alignment), ")");
 }
 
-// The recorded weights of a dense backward: shape n_q x n_k, softmax rows, zero above the
-// diagonal when causal, not overlapping any output.
+// The recorded weights of a dense backward: shape n_q x n_k, softmax rows, zero where a
+// causal query sees no key, not overlapping any output.
 template <class T>
-void check_dense_weights(const char* fn, const BackwardArgs<T>& a, const ConstMatrixRef<T>& W, bool causal) {
+void check_dense_weights(const char* fn, const BackwardArgs<T>& a, const ConstMatrixRef<T>& W, const AttentionOptions& o) {
   const index_t n_q = a.Q.rows(), n_k = a.K.rows();
   check_shape(fn, "W", W, n_q, n_k, "n_q x n_k");
   check_weights(fn, "W", W);
-  if (causal)
-    for (index_t i = 0; i + 1 < n_q; ++i)
-      if ((W.row(i).tail(n_k - i - 1).array() != T(0)).any())
+  if (o.causal)
+    for (index_t i = 0; i < n_q; ++i) {
+      const index_t len = visible_keys(i, n_q, n_k, o);
+      if ((W.row(i).tail(n_k - len).array() != T(0)).any())
         fail(fn, "argument 'W' (", shape(n_q, n_k), ") has a non-zero entry above the diagonal in row ", i,
-             " but options.causal is set");
+             " but options.causal is set (", to_string(o.alignment), ")");
+    }
   check_no_overlap(fn, "dQ", a.dQ, "W", W);
   check_no_overlap(fn, "dK", a.dK, "W", W);
   check_no_overlap(fn, "dV", a.dV, "W", W);
@@ -140,13 +142,16 @@ Vector<T> row_dot(const ConstMatrixRef<T>& dO, const ConstMatrixRef<T>& O) {
 // the same order, and the same operations, as the gather through the transposed mask
 // (sparse::spmm_transposed). The result is deterministic and bitwise equal to the composition
 // of the sparse primitives (tested).
+// acc_q / acc_kv: add into dQ / into dK and dV, instead of overwriting (grouped-query heads
+// add their dK, dV into one shared key/value head).
 template <class T>
-void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool accumulate) {
+void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv) {
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
   // D_i = dO_i · O_i
   const Vector<T> D = row_dot<T>(a.dO, a.O);
   // gK, gV: the unscaled transposed sums. Written straight into dK, dV unless accumulating.
   Matrix<T> gK_tmp, gV_tmp;
+  const bool accumulate = acc_kv;
   if (accumulate) {
     gK_tmp = Matrix<T>::Zero(n_k, d);
     gV_tmp = Matrix<T>::Zero(n_k, d_v);
@@ -178,7 +183,7 @@ void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, b
       axpy(dS, q_i, gK_row(j), d);
       axpy(w, do_i, gV_row(j), d_v);
     }
-    if (accumulate) a.dQ.row(i).noalias() += s * acc;
+    if (acc_q) a.dQ.row(i).noalias() += s * acc;
     else a.dQ.row(i).noalias() = s * acc;
   }
   // dK = s·gK, dV = gV
@@ -194,22 +199,19 @@ template <class T>
 void attention_backward_sparse(const BackwardArgs<T>& a, const Csr<T>& mask, const AttentionOptions& o) {
   constexpr const char* fn = "attention_backward_sparse";
   check_backward_args(fn, a, o);
-  check_mask(fn, mask, a.Q.rows(), a.K.rows(), o.causal);
+  check_mask(fn, mask, a.Q.rows(), a.K.rows(), o);
   const T s = static_cast<T>(resolve_scale(fn, o, a.Q.cols()));
-
-  sparse_backward_kernel<T>(a, mask, s, o.accumulate);
+  sparse_backward_kernel<T>(a, mask, s, o.accumulate, o.accumulate);
 }
 
+// The blocked GEMM backward (arguments checked by the caller). acc_q, acc_kv as in
+// sparse_backward_kernel.
 template <class T>
-void attention_backward_dense(const BackwardArgs<T>& a, const ConstMatrixRef<T>& W, const AttentionOptions& o) {
-  constexpr const char* fn = "attention_backward_dense";
-  check_backward_args(fn, a, o);
-  check_dense_weights(fn, a, W, o.causal);
+void dense_backward_kernel(const BackwardArgs<T>& a, const ConstMatrixRef<T>& W, T s, const AttentionOptions& o,
+                           bool acc_q, bool acc_kv) {
   const index_t n_q = a.Q.rows(), n_k = a.K.rows();
-  const T s = static_cast<T>(resolve_scale(fn, o, a.Q.cols()));
   constexpr index_t Br = DenseBackwardConfig::row_block;
-
-  if (!o.accumulate) {
+  if (!acc_kv) {
     a.dK.setZero();
     a.dV.setZero();
   }
@@ -218,7 +220,12 @@ void attention_backward_dense(const BackwardArgs<T>& a, const ConstMatrixRef<T>&
   Matrix<T> dS(std::min(Br, n_q), n_k);
   for (index_t i0 = 0; i0 < n_q; i0 += Br) {
     const index_t rows = std::min(Br, n_q - i0);
-    const index_t kv = o.causal ? i0 + rows : n_k;  // W_b is zero beyond column kv
+    const index_t kv = visible_keys(i0 + rows - 1, n_q, n_k, o);  // W_b is zero beyond column kv
+    if (kv == 0) {  // every row of the block sees no key: W_b = 0
+      if (acc_q) continue;
+      a.dQ.middleRows(i0, rows).setZero();
+      continue;
+    }
     const auto W_b = W.block(i0, 0, rows, kv);
     const auto dO_b = a.dO.middleRows(i0, rows);
     auto dS_b = dS.topLeftCorner(rows, kv);
@@ -229,11 +236,20 @@ void attention_backward_dense(const BackwardArgs<T>& a, const ConstMatrixRef<T>&
     // dS_b = W_b ∘ (dP_b − D_b)
     dS_b.array() = W_b.array() * (dS_b.array().colwise() - D.segment(i0, rows).array());
     // dQ_b = s·dS_b·K
-    if (o.accumulate) a.dQ.middleRows(i0, rows).noalias() += s * (dS_b * a.K.topRows(kv));
+    if (acc_q) a.dQ.middleRows(i0, rows).noalias() += s * (dS_b * a.K.topRows(kv));
     else a.dQ.middleRows(i0, rows).noalias() = s * (dS_b * a.K.topRows(kv));
     // dK += s·dS_bᵀ·Q_b
     a.dK.topRows(kv).noalias() += s * (dS_b.transpose() * a.Q.middleRows(i0, rows));
   }
+}
+
+template <class T>
+void attention_backward_dense(const BackwardArgs<T>& a, const ConstMatrixRef<T>& W, const AttentionOptions& o) {
+  constexpr const char* fn = "attention_backward_dense";
+  check_backward_args(fn, a, o);
+  check_dense_weights(fn, a, W, o);
+  const T s = static_cast<T>(resolve_scale(fn, o, a.Q.cols()));
+  dense_backward_kernel<T>(a, W, s, o, o.accumulate, o.accumulate);
 }
 
 }  // namespace detail
@@ -242,7 +258,7 @@ void attention_backward_dense(const BackwardArgs<T>& a, const ConstMatrixRef<T>&
 /// (`mask`, from SusMask or sample_mask) in place of W. Unbiased; deterministic (no atomics:
 /// dK and dV go through the transposed mask).
 ///   Q: n_q x d, K: n_k x d, V: n_k x d_v, O (forward output) and dO: n_q x d_v.
-///   mask: n_q x n_k Csr (validated; causal: no entry above the diagonal).
+///   mask: n_q x n_k Csr (validated; causal: no entry a query cannot see).
 ///   dQ: n_q x d, dK: n_k x d, dV: n_k x d_v, caller-owned; overwritten, or added to when
 ///   options.accumulate. Outputs must not overlap inputs or each other.
 /// Throws sus::Error on bad shapes, non-finite input, or an invalid mask.
@@ -262,7 +278,8 @@ inline void attention_backward_sparse(const ConstMatrixRef<double>& Q, const Con
 /// Exact backward from the recorded dense weights W (DenseWeights), O(n_q·n_k·d) in four
 /// blocked GEMMs (half of that when causal). The baseline SUS is measured against.
 /// Arguments as attention_backward_sparse, with W: n_q x n_k rows of softmax weights
-/// (checked: finite, ≥ 0, each row sums to 1 or is all zero; causal: zero above the diagonal).
+/// (checked: finite, ≥ 0, each row sums to 1 or is all zero; causal: zero where the query
+/// sees no key).
 inline void attention_backward_dense(const ConstMatrixRef<float>& Q, const ConstMatrixRef<float>& K,
                                      const ConstMatrixRef<float>& V, const ConstMatrixRef<float>& O,
                                      const ConstMatrixRef<float>& dO, const ConstMatrixRef<float>& W,

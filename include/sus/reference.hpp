@@ -17,31 +17,42 @@
 namespace sus {
 namespace reference {
 
-/// O = softmax(s·Q·Kᵀ [+ causal])·V, one row at a time; hands each row of W to `recorder`.
+/// O = softmax(s·Q·Kᵀ [+ causal] [+ mask])·V, one row at a time; hands each row of W to
+/// `recorder`. A row that sees no key gets zero weights, zero output and lse −inf.
 template <class T, class Recorder>
 void attention_forward(const detail::nodeduce_t<ConstMatrixRef<T>>& Q, const detail::nodeduce_t<ConstMatrixRef<T>>& K,
                        const detail::nodeduce_t<ConstMatrixRef<T>>& V, detail::nodeduce_t<MatrixRef<T>> O,
-                       Recorder&& recorder, const AttentionOptions& options = {}) {
+                       Recorder&& recorder, const AttentionOptions& options = {},
+                       const detail::nodeduce_t<ScoreMask<T>>& mask = {}) {
   constexpr const char* fn = "reference::attention_forward";
   detail::check_forward_args<T>(fn, Q, K, V, O, options);
+  detail::check_score_mask(fn, mask, Q.rows(), K.rows());
   const index_t n_q = Q.rows(), d = Q.cols(), n_k = K.rows(), d_v = V.cols();
   const T s = static_cast<T>(detail::resolve_scale(fn, options, d));
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   recorder.begin(n_q, n_k);
   std::vector<T> w(static_cast<std::size_t>(n_k));
   for (index_t i = 0; i < n_q; ++i) {
-    const index_t len = options.causal ? i + 1 : n_k;  // keys j < len are visible
-    // S_ij = s · Σ_k Q_ik K_jk
-    T m = -std::numeric_limits<T>::infinity();
+    index_t len = sus::detail::visible_keys(i, n_q, n_k, options);  // keys j < len are visible
+    // S_ij = s · Σ_k Q_ik K_jk + add_ij  (−∞ where masked)
+    T m = kNegInf;
+    index_t open = 0;
     for (index_t j = 0; j < len; ++j) {
+      if (!mask.visible(i, j)) {
+        w[j] = kNegInf;
+        continue;
+      }
       T dot = 0;
       for (index_t k = 0; k < d; ++k) dot += Q(i, k) * K(j, k);
-      w[j] = s * dot;
+      w[j] = s * dot + mask.bias(i, j);
       m = std::max(m, w[j]);
+      ++open;
     }
+    if (open == 0) len = 0;  // fully masked row
     // W_ij = exp(S_ij − m) / Σ_l exp(S_il − m),  lse_i = m + log Σ_l exp(S_il − m)
     T l = 0;
     for (index_t j = 0; j < len; ++j) {
-      w[j] = std::exp(w[j] - m);
+      w[j] = w[j] == kNegInf ? T(0) : std::exp(w[j] - m);
       l += w[j];
     }
     if (len > 0 && (!std::isfinite(m) || !std::isfinite(l))) sus::detail::throw_score_overflow<T>(fn, i, Q, K, s);
@@ -53,7 +64,7 @@ void attention_forward(const detail::nodeduce_t<ConstMatrixRef<T>>& Q, const det
       for (index_t j = 0; j < len; ++j) acc += w[j] * V(j, k);
       O(i, k) = acc;
     }
-    const T lse = len > 0 ? m + std::log(l) : -std::numeric_limits<T>::infinity();
+    const T lse = len > 0 ? m + std::log(l) : kNegInf;
     recorder.record(i, w.data(), len, lse);
   }
   recorder.end();
@@ -106,7 +117,7 @@ void attention_backward_dense(const detail::nodeduce_t<ConstMatrixRef<T>>& Q, co
   constexpr const char* fn = "reference::attention_backward_dense";
   const sus::detail::BackwardArgs<T> a{Q, K, V, O, dO, dQ, dK, dV};
   sus::detail::check_backward_args(fn, a, options);
-  sus::detail::check_dense_weights(fn, a, W, options.causal);
+  sus::detail::check_dense_weights(fn, a, W, options);
   detail_ref::backward_loops<T>(fn, a, options, [&](index_t i, auto&& visit) {
     for (index_t j = 0; j < W.cols(); ++j)
       if (W(i, j) != T(0)) visit(j, W(i, j));
@@ -123,7 +134,7 @@ void attention_backward_sparse(const detail::nodeduce_t<ConstMatrixRef<T>>& Q, c
   constexpr const char* fn = "reference::attention_backward_sparse";
   const sus::detail::BackwardArgs<T> a{Q, K, V, O, dO, dQ, dK, dV};
   sus::detail::check_backward_args(fn, a, options);
-  sus::detail::check_mask(fn, mask, Q.rows(), K.rows(), options.causal);
+  sus::detail::check_mask(fn, mask, Q.rows(), K.rows(), options);
   detail_ref::backward_loops<T>(fn, a, options, [&](index_t i, auto&& visit) {
     for (index_t p = mask.row_offsets[i]; p < mask.row_offsets[i + 1]; ++p) visit(mask.col_indices[p], mask.values[p]);
   });

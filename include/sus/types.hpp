@@ -1,8 +1,10 @@
 // sus — matrix types and options shared by the forward and the backward.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 #include <Eigen/Core>
@@ -23,18 +25,79 @@ using MatrixRef = Eigen::Ref<Matrix<T>>;
 template <class T>
 using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 
+/// Where the causal diagonal sits when n_q ≠ n_k (they agree when n_q = n_k).
+///   top_left:     query i sees keys j ≤ i                  (PyTorch's is_causal, tril(ones(n_q, n_k)))
+///   bottom_right: query i sees keys j ≤ i + n_k − n_q      (FlashAttention ≥ 2.1: the last query
+///                 sees every key; with n_q > n_k the first n_q − n_k queries see none)
+enum class CausalAlignment { top_left, bottom_right };
+
+inline const char* to_string(CausalAlignment a) { return a == CausalAlignment::top_left ? "top_left" : "bottom_right"; }
+
 /// Options shared by attention_forward and both backwards.
 struct AttentionOptions {
   /// Softmax scale s in S = s·Q·Kᵀ. Unset: 1/√d. Must be finite.
   std::optional<double> scale;
-  /// Causal mask: query i sees keys j ≤ i (requires n_q = n_k). The forward applies it; the
-  /// backwards check that the mask / W respect it.
+  /// Causal mask, aligned as `alignment` says. The forward applies it; the backwards check
+  /// that the mask / W respect it. A query that sees no key is a fully masked row: zero
+  /// output, zero gradient.
   bool causal = false;
+  CausalAlignment alignment = CausalAlignment::top_left;
   /// Backward only: false (default) overwrites dQ, dK, dV; true adds the gradient to them.
   bool accumulate = false;
 };
 
+/// An optional mask on the scores of one head, n_q x n_k, read as mask[i·row_stride + j]:
+///   boolean:  `keep` — true: query i attends to key j; false: W_ij = 0 exactly.
+///   additive: `add`  — S_ij = s·Q_i·K_j + add_ij; −inf entries are masked (W_ij = 0 exactly);
+///             NaN and +inf are rejected.
+/// row_stride may be 0: one row shared by every query (a key-padding mask). Rows whose keys
+/// are all masked give zero output and zero gradient. At most one of keep/add is set; neither
+/// means no mask. The memory is the caller's and is only read.
+template <class T>
+struct ScoreMask {
+  const bool* keep = nullptr;
+  const T* add = nullptr;
+  index_t rows = 0, cols = 0, row_stride = 0;
+
+  bool empty() const { return keep == nullptr && add == nullptr; }
+  /// Whether key j is visible to query i (additive: add_ij ≠ −inf).
+  bool visible(index_t i, index_t j) const {
+    if (keep) return keep[i * row_stride + j];
+    if (add) return add[i * row_stride + j] != -std::numeric_limits<T>::infinity();
+    return true;
+  }
+  T bias(index_t i, index_t j) const { return add ? add[i * row_stride + j] : T(0); }
+};
+
+/// A boolean mask over a row-major n_q x n_k array (row_stride = n_k), or one row of n_k
+/// entries shared by every query (key padding: pass rows = 1).
+template <class T>
+ScoreMask<T> bool_mask(const bool* keep, index_t rows, index_t cols) {
+  return {keep, nullptr, rows, cols, rows == 1 ? 0 : cols};
+}
+/// An additive mask over a row-major n_q x n_k array, or one shared row (rows = 1).
+template <class T>
+ScoreMask<T> additive_mask(const T* add, index_t rows, index_t cols) {
+  return {nullptr, add, rows, cols, rows == 1 ? 0 : cols};
+}
+/// Eigen conveniences: a row-major matrix (n_q x n_k, or 1 x n_k shared by every query).
+template <class T>
+ScoreMask<T> bool_mask(const Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& keep) {
+  return {keep.data(), nullptr, keep.rows(), keep.cols(), keep.rows() == 1 ? 0 : keep.cols()};
+}
+template <class T>
+ScoreMask<T> additive_mask(const Matrix<T>& add) {
+  return additive_mask<T>(add.data(), add.rows(), add.cols());
+}
+
 namespace detail {
+
+// Keys visible to query i: j < visible_keys(i). Monotone in i; n_k when not causal.
+inline index_t visible_keys(index_t i, index_t n_q, index_t n_k, const AttentionOptions& o) {
+  if (!o.causal) return n_k;
+  const index_t last = o.alignment == CausalAlignment::top_left ? i : i + n_k - n_q;  // last visible key
+  return std::min(n_k, std::max<index_t>(0, last + 1));
+}
 
 inline double resolve_scale(const char* fn, const AttentionOptions& o, index_t d) {
   if (o.scale) {
