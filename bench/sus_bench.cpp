@@ -14,6 +14,15 @@
 //                                 (SDDMM, SpMM, two transposed SpMMs: 2·d each per kept entry).
 //   sample/n:N/c:C                sample_mask on a recorded W (n x n), paper/independent.
 // Single head, non-causal, d_v = d, float, Q, K ~ N(0, 1.5²) (mildly peaked attention).
+//
+// Multi-head shape (B = 1, H heads, through multihead_attention_forward / _backward, [B, S, H, D]
+// layout), the same kinds with two more arguments, flops x H:
+//   forward_dense/n:N/d:D/h:H/threads:T       (saves lse only)
+//   forward_sus/n:N/d:D/c:C/h:H/threads:T     (saves the SUS masks)
+//   backward_dense/n:N/d:D/h:H/threads:T      (from saved dense W)
+//   backward_sus/n:N/d:D/c:C/h:H/threads:T
+// T = OpenMP threads (num_threads); the forward splits (head, row block), the backward splits
+// heads, so h:1 backward runs on one thread whatever T.
 // Counters: GFLOP/s (flop model above), nnz (kept entries), kept_per_row.
 #include <benchmark/benchmark.h>
 #include <sus/sus.hpp>
@@ -158,6 +167,73 @@ void sample(benchmark::State& state) {
       benchmark::Counter(static_cast<double>(n) * n, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// --- multi-head shape: B = 1, H heads, [B, S, H, D] ---
+struct HeadsInputs {
+  std::vector<float> Q, K, V, dO;
+  explicit HeadsInputs(index_t n, index_t d, index_t h) {
+    std::mt19937_64 gen(n * 1000 + d * 10 + h);
+    std::normal_distribution<float> qk(0.0f, 1.5f), v(0.0f, 1.0f);
+    auto fill = [&](std::normal_distribution<float>& dist) {
+      std::vector<float> x(static_cast<std::size_t>(n * h * d));
+      for (auto& e : x) e = dist(gen);
+      return x;
+    };
+    Q = fill(qk);
+    K = fill(qk);
+    V = fill(v);
+    dO = fill(v);
+  }
+};
+
+const HeadsInputs& heads_inputs(index_t n, index_t d, index_t h) {
+  static std::map<std::tuple<index_t, index_t, index_t>, std::unique_ptr<HeadsInputs>> cache;
+  auto& slot = cache[{n, d, h}];
+  if (!slot) slot = std::make_unique<HeadsInputs>(n, d, h);
+  return *slot;
+}
+
+enum class MhKind { forward_dense, forward_sus, backward_dense, backward_sus };
+
+// Args: n, d, [c,] h, threads.
+template <MhKind kind>
+void multihead(benchmark::State& state) {
+  const bool has_c = kind == MhKind::forward_sus || kind == MhKind::backward_sus;
+  const index_t n = state.range(0), d = state.range(1), h = state.range(has_c ? 3 : 2);
+  const int c = has_c ? static_cast<int>(state.range(2)) : 0;
+  const int threads = static_cast<int>(state.range(has_c ? 4 : 3));
+  const HeadsInputs& in = heads_inputs(n, d, h);
+  std::vector<float> O(in.Q.size()), dQ(in.Q.size()), dK(in.Q.size()), dV(in.Q.size());
+  auto view = [&](const std::vector<float>& x) { return sus::bshd(x.data(), 1, n, h, d); };
+  auto out = [&](std::vector<float>& x) { return sus::bshd(x.data(), 1, n, h, d); };
+  sus::MultiHeadOptions options;
+  options.num_threads = threads;
+  sus::AttentionState<float> st;
+  st.save = kind == MhKind::forward_dense ? sus::SaveForBackward::lse_only
+            : kind == MhKind::backward_dense ? sus::SaveForBackward::dense_weights
+                                             : sus::SaveForBackward::sus_mask;
+  st.sampler = sampler(c > 0 ? c : 1);
+  const bool forward = kind == MhKind::forward_dense || kind == MhKind::forward_sus;
+  if (!forward) sus::multihead_attention_forward(view(in.Q), view(in.K), view(in.V), out(O), st, options);
+  for (auto _ : state) {
+    if (forward) {
+      sus::multihead_attention_forward(view(in.Q), view(in.K), view(in.V), out(O), st, options);
+      benchmark::DoNotOptimize(O.data());
+    } else {
+      sus::multihead_attention_backward(view(in.Q), view(in.K), view(in.V), view(O), view(in.dO), st, out(dQ),
+                                        out(dK), out(dV), options);
+      benchmark::DoNotOptimize(dV.data());
+    }
+  }
+  index_t nnz = 0;
+  for (const auto& m : st.masks) nnz += m.nnz();
+  const double dense_flops = (forward ? 4.0 : 8.0) * static_cast<double>(n) * n * d * h;
+  set_rate(state, kind == MhKind::backward_sus ? 8.0 * static_cast<double>(nnz) * d : dense_flops);
+  if (has_c) {
+    state.counters["nnz"] = static_cast<double>(nnz);
+    state.counters["kept_per_row"] = static_cast<double>(nnz) / static_cast<double>(n * h);
+  }
+}
+
 const std::vector<int64_t> kN = {1024, 2048, 4096, 8192, 16384};
 const std::vector<int64_t> kD = {64, 128};
 const std::vector<int64_t> kC = {16, 32, 64};
@@ -170,5 +246,18 @@ BENCHMARK(forward_sus)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, kD, kC})->Un
 BENCHMARK(backward_dense)->ArgNames({"n", "d"})->ArgsProduct({kN, kD})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(backward_sus)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, kD, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(sample)->ArgNames({"n", "c"})->ArgsProduct({kN, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// Multi-head shape, 1 and 2 threads. (backward_dense keeps n x n W per head: n = 2048 only.)
+const std::vector<int64_t> kMhN = {2048, 8192};
+const std::vector<int64_t> kMhH = {1, 8};
+const std::vector<int64_t> kThreads = {1, 2};
+BENCHMARK_TEMPLATE(multihead, MhKind::forward_dense)->Name("forward_dense")->ArgNames({"n", "d", "h", "threads"})
+    ->ArgsProduct({kMhN, {64}, kMhH, kThreads})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(multihead, MhKind::forward_sus)->Name("forward_sus")->ArgNames({"n", "d", "c", "h", "threads"})
+    ->ArgsProduct({kMhN, {64}, {32}, kMhH, kThreads})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(multihead, MhKind::backward_dense)->Name("backward_dense")->ArgNames({"n", "d", "h", "threads"})
+    ->ArgsProduct({{2048}, {64}, kMhH, kThreads})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_TEMPLATE(multihead, MhKind::backward_sus)->Name("backward_sus")->ArgNames({"n", "d", "c", "h", "threads"})
+    ->ArgsProduct({kMhN, {64}, {32}, kMhH, kThreads})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 BENCHMARK_MAIN();

@@ -25,6 +25,9 @@ struct SparseBackwardConfig {
   // are gathered at random, and their cache misses, not the arithmetic, bound the kernel.
   static constexpr index_t prefetch_distance = 4;
   static_assert(prefetch_distance >= 0, "SparseBackwardConfig::prefetch_distance must be >= 0");
+  // Rows (queries, or keys) per task of the two-pass threaded backward.
+  static constexpr index_t task_rows = 256;
+  static_assert(task_rows > 0, "SparseBackwardConfig::task_rows must be positive");
 };
 
 // Hint the cache to load [p, p + bytes). A no-op where the compiler has no prefetch builtin.
@@ -192,6 +195,98 @@ void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, b
     a.dV += gV_tmp;
   } else {
     a.dK *= s;
+  }
+}
+
+// The same SUS backward split in two passes that can each run in parallel (the multi-head
+// path uses it for every thread count):
+//   rows pass, any split of the rows:  dQ_i as in the fused kernel, and each dS_ij stored at
+//                                      its position in the transposed mask;
+//   keys pass, any split of the keys:  gK_j = Σ_i dS_ij Q_i, gV_j = Σ_i W̃_ij dO_i through the
+//                                      transposed mask, in ascending i.
+// Every sum has the fused kernel's operations in the fused kernel's order, so the gradients
+// are bitwise equal to sparse_backward_kernel's (tested), whatever the split.
+template <class T>
+struct TransposedMask {
+  std::vector<index_t> offsets;  // n_k + 1
+  std::vector<index_t> rows;     // nnz: query row of each transposed entry (ascending per key)
+  std::vector<index_t> pos;      // nnz: transposed position of original entry p
+  std::vector<T> w, dS;          // nnz: W̃ and dS in transposed order
+
+  explicit TransposedMask(const Csr<T>& m) {
+    const index_t nnz = m.nnz();
+    offsets.assign(static_cast<std::size_t>(m.cols + 1), 0);
+    rows.resize(static_cast<std::size_t>(nnz));
+    pos.resize(static_cast<std::size_t>(nnz));
+    w.resize(static_cast<std::size_t>(nnz));
+    dS.resize(static_cast<std::size_t>(nnz));
+    for (index_t p = 0; p < nnz; ++p) ++offsets[m.col_indices[p] + 1];
+    for (index_t j = 0; j < m.cols; ++j) offsets[j + 1] += offsets[j];
+    std::vector<index_t> next(offsets.begin(), offsets.end() - 1);
+    for (index_t i = 0; i < m.rows; ++i)
+      for (index_t p = m.row_offsets[i]; p < m.row_offsets[i + 1]; ++p) {
+        const index_t q = next[m.col_indices[p]]++;
+        rows[q] = i;
+        pos[p] = q;
+        w[q] = m.values[p];
+      }
+  }
+};
+
+template <class T>
+void sparse_backward_rows(const BackwardArgs<T>& a, const Csr<T>& mask, TransposedMask<T>& t, T s, bool acc_q,
+                          index_t i0, index_t i1) {
+  const index_t d = a.Q.cols(), d_v = a.V.cols();
+  Eigen::Matrix<T, 1, Eigen::Dynamic> acc(d);
+  constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
+  const index_t end = mask.row_offsets[i1];
+  for (index_t i = i0; i < i1; ++i) {
+    const T* do_i = a.dO.row(i).data();
+    const T D = dot(do_i, a.O.row(i).data(), d_v);
+    acc.setZero();
+    for (index_t p = mask.row_offsets[i]; p < mask.row_offsets[i + 1]; ++p) {
+      if (ahead > 0 && p + ahead < end) {
+        const index_t jn = mask.col_indices[p + ahead];
+        prefetch(a.V.row(jn).data(), d_v * index_t(sizeof(T)), false);
+        prefetch(a.K.row(jn).data(), d * index_t(sizeof(T)), false);
+      }
+      const index_t j = mask.col_indices[p];
+      const T dS = mask.values[p] * (dot(do_i, a.V.row(j).data(), d_v) - D);
+      axpy(dS, a.K.row(j).data(), acc.data(), d);
+      t.dS[t.pos[p]] = dS;
+    }
+    if (acc_q) a.dQ.row(i).noalias() += s * acc;
+    else a.dQ.row(i).noalias() = s * acc;
+  }
+}
+
+template <class T>
+void sparse_backward_keys(const BackwardArgs<T>& a, const TransposedMask<T>& t, T s, bool acc_kv, index_t j0,
+                          index_t j1) {
+  const index_t d = a.Q.cols(), d_v = a.V.cols();
+  Eigen::Matrix<T, 1, Eigen::Dynamic> gK(d), gV(d_v);
+  constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
+  const index_t end = t.offsets[j1];
+  for (index_t j = j0; j < j1; ++j) {
+    gK.setZero();
+    gV.setZero();
+    for (index_t q = t.offsets[j]; q < t.offsets[j + 1]; ++q) {
+      if (ahead > 0 && q + ahead < end) {
+        const index_t in = t.rows[q + ahead];
+        prefetch(a.Q.row(in).data(), d * index_t(sizeof(T)), false);
+        prefetch(a.dO.row(in).data(), d_v * index_t(sizeof(T)), false);
+      }
+      const index_t i = t.rows[q];
+      axpy(t.dS[q], a.Q.row(i).data(), gK.data(), d);
+      axpy(t.w[q], a.dO.row(i).data(), gV.data(), d_v);
+    }
+    if (acc_kv) {
+      a.dK.row(j).noalias() += s * gK;
+      a.dV.row(j) += gV;
+    } else {
+      a.dK.row(j).noalias() = s * gK;
+      a.dV.row(j) = gV;
+    }
   }
 }
 

@@ -499,6 +499,92 @@ void multihead_forward(const HeadsView<const T>& Q, const HeadsView<const T>& K,
       for (index_t h = 0; h < H; ++h) state.masks[state.at(b, h)] = Csr<T>(0, seqs[b].n_k);
 }
 
+// The SUS backward of every (sequence, head) in three parallel phases (sparse_backward_rows /
+// _keys in backward.hpp): 1. per head, the transposed mask, and packed copies of strided
+// operands; 2. tasks (b, h, row block): dQ and dS; 3. tasks (b, g, key block): dK, dV of the
+// block, summing the heads of the group in ascending order. The work of every task is fixed by
+// the problem, not by the thread count, so the result is bitwise the same for any count.
+// Packed copies: the passes gather rows at random, and in a layout such as [B, S, H, D] those
+// rows are H·D apart; a contiguous copy (O(n·d)) costs less than the cache and TLB misses it
+// saves. Views whose rows are already contiguous are used as they are.
+template <class T>
+void sparse_multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K, const HeadsView<const T>& V,
+                               const HeadsView<const T>& O, const HeadsView<const T>& dO, const AttentionState<T>& state,
+                               const HeadsView<T>& dQ, const HeadsView<T>& dK, const HeadsView<T>& dV,
+                               const std::vector<SequenceSpan>& seqs, T scale, bool accumulate, int threads) {
+  constexpr index_t block = SparseBackwardConfig::task_rows;
+  const index_t n_seq = static_cast<index_t>(seqs.size()), H = Q.heads, H_kv = K.heads, group = H / H_kv;
+  // Phase 1: tasks (b, h) build the transposed mask and pack Q_h, dO_h; tasks (b, g) pack K_g, V_g.
+  std::vector<std::unique_ptr<TransposedMask<T>>> tmask(static_cast<std::size_t>(n_seq * H));
+  std::vector<Matrix<T>> Qp(tmask.size()), dOp(tmask.size()), Kp(static_cast<std::size_t>(n_seq * H_kv)),
+      Vp(Kp.size());
+  std::vector<ConstMatrixRef<T>> Qr, dOr, Kr, Vr;  // the packed (or original) operands, filled after phase 1
+  parallel_for(n_seq * H + n_seq * H_kv, threads, [&](index_t t) {
+    if (t < n_seq * H) {
+      const index_t b = t / H, h = t % H;
+      const SequenceSpan& sp = seqs[b];
+      tmask[t] = std::make_unique<TransposedMask<T>>(state.masks[state.at(b, h)]);
+      if (sp.n_q > 1 && Q.stride_seq != Q.dim) Qp[t] = Q.head(sp.batch, h, sp.q0, sp.n_q);
+      if (sp.n_q > 1 && dO.stride_seq != dO.dim) dOp[t] = dO.head(sp.batch, h, sp.q0, sp.n_q);
+    } else {
+      const index_t u = t - n_seq * H, b = u / H_kv, g = u % H_kv;
+      const SequenceSpan& sp = seqs[b];
+      if (sp.n_k > 1 && K.stride_seq != K.dim) Kp[u] = K.head(sp.batch, g, sp.k0, sp.n_k);
+      if (sp.n_k > 1 && V.stride_seq != V.dim) Vp[u] = V.head(sp.batch, g, sp.k0, sp.n_k);
+    }
+  });
+  auto pick = [](const HeadsView<const T>& v, index_t b, index_t h, index_t r0, index_t n, const Matrix<T>& packed) {
+    return (n > 1 && v.stride_seq != v.dim) ? ConstMatrixRef<T>(packed) : ConstMatrixRef<T>(v.head(b, h, r0, n));
+  };
+  for (index_t b = 0; b < n_seq; ++b) {
+    const SequenceSpan& sp = seqs[b];
+    for (index_t h = 0; h < H; ++h) {
+      Qr.push_back(pick(Q, sp.batch, h, sp.q0, sp.n_q, Qp[b * H + h]));
+      dOr.push_back(pick(dO, sp.batch, h, sp.q0, sp.n_q, dOp[b * H + h]));
+    }
+    for (index_t g = 0; g < H_kv; ++g) {
+      Kr.push_back(pick(K, sp.batch, g, sp.k0, sp.n_k, Kp[b * H_kv + g]));
+      Vr.push_back(pick(V, sp.batch, g, sp.k0, sp.n_k, Vp[b * H_kv + g]));
+    }
+  }
+  // Phase 2: tasks (b, h, row block).
+  struct Block {
+    index_t seq, head, r0, r1;
+  };
+  std::vector<Block> row_tasks, key_tasks;
+  for (index_t b = 0; b < n_seq; ++b) {
+    for (index_t h = 0; h < H; ++h)
+      for (index_t i0 = 0; i0 < seqs[b].n_q; i0 += block) row_tasks.push_back({b, h, i0, std::min(i0 + block, seqs[b].n_q)});
+    for (index_t g = 0; g < H_kv; ++g)
+      for (index_t j0 = 0; j0 < seqs[b].n_k; j0 += block) key_tasks.push_back({b, g, j0, std::min(j0 + block, seqs[b].n_k)});
+  }
+  parallel_for(static_cast<index_t>(row_tasks.size()), threads, [&](index_t t) {
+    const Block& k = row_tasks[static_cast<std::size_t>(t)];
+    const SequenceSpan& sp = seqs[k.seq];
+    const index_t bh = k.seq * H + k.head, bg = k.seq * H_kv + k.head / group;
+    const ConstMatrixRef<T> Oh = O.head(sp.batch, k.head, sp.q0, sp.n_q);
+    MatrixRef<T> dQh = dQ.head(sp.batch, k.head, sp.q0, sp.n_q);
+    MatrixRef<T> unused = dQh;
+    const BackwardArgs<T> a{Qr[bh], Kr[bg], Vr[bg], Oh, dOr[bh], dQh, unused, unused};
+    sparse_backward_rows<T>(a, state.masks[state.at(k.seq, k.head)], *tmask[bh], scale, accumulate, k.r0, k.r1);
+  });
+  // Phase 3: tasks (b, g, key block).
+  parallel_for(static_cast<index_t>(key_tasks.size()), threads, [&](index_t t) {
+    const Block& k = key_tasks[static_cast<std::size_t>(t)];
+    const SequenceSpan& sp = seqs[k.seq];
+    const index_t g = k.head, bg = k.seq * H_kv + g;
+    MatrixRef<T> dKg = dK.head(sp.batch, g, sp.k0, sp.n_k);
+    MatrixRef<T> dVg = dV.head(sp.batch, g, sp.k0, sp.n_k);
+    for (index_t h = g * group; h < (g + 1) * group; ++h) {
+      const index_t bh = k.seq * H + h;
+      const ConstMatrixRef<T> Oh = O.head(sp.batch, h, sp.q0, sp.n_q);
+      MatrixRef<T> unused = dKg;
+      const BackwardArgs<T> a{Qr[bh], Kr[bg], Vr[bg], Oh, dOr[bh], unused, dKg, dVg};
+      sparse_backward_keys<T>(a, *tmask[bh], scale, accumulate || h > g * group, k.r0, k.r1);
+    }
+  });
+}
+
 template <class T>
 void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K, const HeadsView<const T>& V,
                         const HeadsView<const T>& O, const HeadsView<const T>& dO, const AttentionState<T>& state,
@@ -559,9 +645,13 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
     }
   for (int x = 0; x < 5; ++x) check_view_finite(fn, in_names[x], *ins[x]);
 
-  // Tasks: (sequence, key/value head). Each runs the heads of its group in ascending order;
-  // the first overwrites dK, dV (unless accumulating) and the others add to them.
   const int threads = resolve_threads(options.num_threads);
+  if (sparse) {
+    sparse_multihead_backward<T>(Q, K, V, O, dO, state, dQ, dK, dV, seqs, scale, options.accumulate, threads);
+    return;
+  }
+  // Dense: tasks (sequence, key/value head), each running the heads of its group in ascending
+  // order; the first overwrites dK, dV (unless accumulating) and the others add to them.
   parallel_for(n_seq * H_kv, threads, [&](index_t t) {
     const index_t b = t / H_kv, g = t % H_kv;
     const SequenceSpan& sp = seqs[b];
@@ -575,10 +665,8 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
       const ConstMatrixRef<T> dOh = dO.head(sp.batch, h, sp.q0, sp.n_q);
       MatrixRef<T> dQh = dQ.head(sp.batch, h, sp.q0, sp.n_q);
       const BackwardArgs<T> a{Qh, Kg, Vg, Oh, dOh, dQh, dKg, dVg};
-      const bool acc_kv = options.accumulate || h > g * group;
-      if (sparse) sparse_backward_kernel<T>(a, state.masks[state.at(b, h)], scale, options.accumulate, acc_kv);
-      else dense_backward_kernel<T>(a, ConstMatrixRef<T>(state.weights[state.at(b, h)]), scale, options,
-                                    options.accumulate, acc_kv);
+      dense_backward_kernel<T>(a, ConstMatrixRef<T>(state.weights[state.at(b, h)]), scale, options,
+                               options.accumulate, options.accumulate || h > g * group);
     }
   });
 }
