@@ -284,6 +284,22 @@ TEST_CASE("multihead: the SUS mask of (b, h) is the single-head SusMask with hea
   CHECK(state.masks[0].col_indices != state.masks[1].col_indices);
 }
 
+TEST_CASE("multihead: empty views from bshd (S_k = 0, S_q = 0) give zero outputs", "[multihead]") {
+  std::vector<float> q(2 * 4 * 1 * 8, 0.5f), o(q.size(), 7.f), dq(q.size(), 7.f), none;
+  sus::AttentionState<float> st;
+  const auto Q = sus::bshd(q.data(), 2, 4, 1, 8), O = sus::bshd(o.data(), 2, 4, 1, 8);
+  const auto K0 = sus::bshd(none.data(), 2, 0, 1, 8);
+  sus::multihead_attention_forward(Q, K0, K0, O, st);
+  CHECK(std::all_of(o.begin(), o.end(), [](float x) { return x == 0.f; }));
+  sus::multihead_attention_backward(Q, K0, K0, O, Q, st, sus::bshd(dq.data(), 2, 4, 1, 8),
+                                    sus::bshd(none.data(), 2, 0, 1, 8), sus::bshd(none.data(), 2, 0, 1, 8));
+  CHECK(std::all_of(dq.begin(), dq.end(), [](float x) { return x == 0.f; }));
+  const auto Q0 = sus::bshd(none.data(), 2, 0, 1, 8);  // no queries at all
+  sus::multihead_attention_forward(Q0, Q, Q, Q0, st);
+  CHECK(st.sequences == 2);
+  CHECK(st.masks[0].rows == 0);
+}
+
 TEST_CASE("multihead: the two-pass SUS backward equals the fused single-head kernel bit for bit", "[multihead]") {
   // H_q = H_kv (no group sums), so each head's dQ, dK, dV is exactly one single-head backward.
   for (Layout layout : {Layout::bshd, Layout::bhsd})
@@ -312,7 +328,8 @@ TEST_CASE("multihead: the two-pass SUS backward equals the fused single-head ker
     }
 }
 
-TEST_CASE("multihead: masks, outputs and gradients are bitwise identical for 1, 2 and 3 threads", "[multihead]") {
+TEST_CASE("multihead: masks, outputs and gradients are bitwise identical for 1, 2 and 3 threads and nested calls",
+          "[multihead]") {
 #ifndef _OPENMP
   WARN("built without OpenMP: every thread count runs serially; nothing to compare");
 #else
@@ -320,6 +337,8 @@ TEST_CASE("multihead: masks, outputs and gradients are bitwise identical for 1, 
       {"one head, n = 600 (5 row blocks)", Layout::bshd, 1, 600, 600, 1, 1, 16, 16, true, TL, {}, {}, MaskKind::none},
       {"GQA 4/2, B = 2", Layout::bhsd, 2, 200, 200, 4, 2, 16, 16, true, TL, {}, {}, MaskKind::none},
       {"varlen", Layout::bshd, 1, 20, 19, 4, 2, 8, 8, true, BR, {0, 5, 5, 8, 20}, {0, 7, 9, 9, 19}, MaskKind::none},
+      // n_k = 1500: deep enough that Eigen's threaded GEMM blocking would round O = W·V differently
+      {"cross attention, n_k = 1500", Layout::bshd, 1, 256, 1500, 2, 2, 64, 64, false, TL, {}, {}, MaskKind::none},
   };
   for (const Case& c : cases)
     for (auto save : {sus::SaveForBackward::sus_mask, sus::SaveForBackward::dense_weights}) {
@@ -338,6 +357,23 @@ TEST_CASE("multihead: masks, outputs and gradients are bitwise identical for 1, 
         for (auto* buf : {&p.o, &p.dq, &p.dk, &p.dv}) all.insert(all.end(), buf->begin(), buf->end());
         outs.push_back(all);
         masks.push_back(state.masks);
+      }
+#pragma omp parallel num_threads(2)
+      {  // the same call from inside the caller's own parallel region (a nested team of one)
+#pragma omp single
+        {
+          Problem4<float> p(c, 5);
+          p.options.num_threads = 2;
+          sus::AttentionState<float> state;
+          state.save = save;
+          state.sampler = {8, sus::Budget::waterfill, sus::Draw::systematic, 11};
+          sus::multihead_attention_forward(p.Q, p.K, p.V, p.O, state, p.options);
+          sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, state, p.dQ, p.dK, p.dV, p.options);
+          std::vector<float> all;
+          for (auto* buf : {&p.o, &p.dq, &p.dk, &p.dv}) all.insert(all.end(), buf->begin(), buf->end());
+          outs.push_back(all);
+          masks.push_back(state.masks);
+        }
       }
       for (std::size_t t = 1; t < outs.size(); ++t) {
         CHECK(outs[t] == outs[0]);
@@ -491,6 +527,46 @@ TEST_CASE("multihead: bad views, heads, cu_seqlens, masks and states throw sus::
     add[17] = std::numeric_limits<float>::quiet_NaN();
     CHECK_THAT(fwd(p.Q, p.K, p.V, p.O, p.options, sus::heads_additive_mask<float>(add.data(), 1, 1, 10, 10)),
                StartsWith(fn) && Contains("'mask'") && Contains("(1, 7)"));
+  }
+  SECTION("no query heads, a span past index_t, O over the mask, a bad sampler or thread count") {
+    HeadsView<float> Q0 = p.Q;
+    Q0.heads = 0;
+    CHECK_THAT(fwd(Q0, p.K, p.V, p.O, p.options), StartsWith(fn) && Contains("'Q'") && Contains("H_q must be >= 1"));
+    HeadsView<float> K = p.K;  // batch 2 -> 3 entries 2^62 apart: the last offset passes 2^63
+    K.batch = 3;
+    K.stride_batch = index_t(1) << 62;
+    K.extent = -1;
+    CHECK_THAT(fwd(p.Q, K, p.V, p.O, p.options), StartsWith(fn) && Contains("'K'") && Contains("index_t"));
+    std::vector<float> add(static_cast<std::size_t>(2 * 10 * 4 * 8), 0.f);  // O and the mask in one buffer
+    CHECK_THAT(fwd(p.Q, p.K, p.V, sus::bshd(add.data(), 2, 10, 4, 8), p.options,
+                   sus::heads_additive_mask<float>(add.data(), 1, 1, 10, 10)),
+               StartsWith(fn) && Contains("'O'") && Contains("'mask'"));
+    st.sampler.c = 0;
+    CHECK_THAT(fwd(p.Q, p.K, p.V, p.O, p.options), StartsWith(fn) && Contains("state.sampler.c"));
+    st.sampler.c = 4;
+    sus::MultiHeadOptions o = p.options;
+    o.num_threads = -1;
+    CHECK_THAT(fwd(p.Q, p.K, p.V, p.O, o), StartsWith(fn) && Contains("num_threads"));
+  }
+  SECTION("backward options that differ from the forward's, and a state left by a failed forward") {
+    st.save = sus::SaveForBackward::sus_mask;
+    sus::multihead_attention_forward(p.Q, p.K, p.V, p.O, st, p.options);
+    sus::MultiHeadOptions o = p.options;
+    o.causal = true;
+    const std::string bwd = "sus::multihead_attention_backward";
+    CHECK_THAT(error_of([&] { sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, st, p.dQ, p.dK, p.dV, o); }),
+               StartsWith(bwd) && Contains("'options'") && Contains("forward"));
+    o = p.options;
+    o.scale = 0.5;
+    CHECK_THAT(error_of([&] { sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, st, p.dQ, p.dK, p.dV, o); }),
+               StartsWith(bwd) && Contains("'options'"));
+    std::vector<float> big(p.q.size(), 3e38f), ones(p.k.size(), 1.f);  // scores overflow: the forward throws
+    CHECK_THAT(fwd(sus::bshd(big.data(), 2, 10, 4, 8), sus::bshd(ones.data(), 2, 10, 2, 8), p.V, p.O, p.options),
+               Contains("not finite"));
+    CHECK_THAT(error_of([&] {
+                 sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, st, p.dQ, p.dK, p.dV, p.options);
+               }),
+               StartsWith(bwd) && Contains("'state'") && Contains("holds 0 sequences"));
   }
   SECTION("a state without what the backward needs, or of another shape") {
     st.save = sus::SaveForBackward::lse_only;

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "csr.hpp"
@@ -92,19 +93,20 @@ void check_backward_args(const char* fn, const BackwardArgs<T>& a, const Attenti
 // The mask of a sparse backward: shape n_q x n_k, a valid Csr, no entry a causal query
 // cannot see.
 template <class T>
-void check_mask(const char* fn, const Csr<T>& mask, index_t n_q, index_t n_k, const AttentionOptions& o) {
+void check_mask(const char* fn, const Csr<T>& mask, index_t n_q, index_t n_k, const AttentionOptions& o,
+                const std::string& arg = "mask") {
   if (mask.rows != n_q || mask.cols != n_k)
-    fail(fn, "argument 'mask' has shape ", shape(mask.rows, mask.cols), ", expected ", shape(n_q, n_k),
+    fail(fn, "argument '", arg, "' has shape ", shape(mask.rows, mask.cols), ", expected ", shape(n_q, n_k),
          " (n_q x n_k)");
   try {
     mask.validate();
   } catch (const Error& e) {
-    fail(fn, "argument 'mask' is not a valid Csr: ", e.what());
+    fail(fn, "argument '", arg, "' is not a valid Csr: ", e.what());
   }
   if (o.causal)
     for (index_t i = 0; i < n_q; ++i)
       if (mask.row_nnz(i) > 0 && mask.col_indices[mask.row_offsets[i + 1] - 1] >= visible_keys(i, n_q, n_k, o))
-        fail(fn, "argument 'mask' (", shape(n_q, n_k), ") has entry (", i, ", ",
+        fail(fn, "argument '", arg, "' (", shape(n_q, n_k), ") has entry (", i, ", ",
              mask.col_indices[mask.row_offsets[i + 1] - 1], ") above the diagonal but options.causal is set (",
              to_string(o.alignment), ")");
 }

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -81,8 +82,8 @@ template <class T>
 HeadsView<T> bhsd(T* data, index_t B, index_t H, index_t S, index_t D) {
   return {data, B, S, H, D, H * S * D, D, S * D, B * H * S * D};
 }
-/// Eigen conveniences: the storage of a dense Eigen object (Matrix, Array, or a Map over
-/// contiguous memory) holding B·S·H·D elements, read in the given layout.
+/// Eigen conveniences: the storage of a dense Eigen Matrix or Array holding B·S·H·D elements,
+/// read in the given layout (for a Map or other memory, pass its data() pointer).
 template <class Derived>
 auto bshd(Eigen::PlainObjectBase<Derived>& m, index_t B, index_t S, index_t H, index_t D) {
   if (m.size() != B * S * H * D)
@@ -97,6 +98,11 @@ auto bshd(const Eigen::PlainObjectBase<Derived>& m, index_t B, index_t S, index_
                  "), expected B·S·H·D = ", B, "·", S, "·", H, "·", D);
   return bshd(m.data(), B, S, H, D);
 }
+// A view of a temporary would dangle.
+template <class Derived>
+auto bshd(const Eigen::PlainObjectBase<Derived>&& m, index_t B, index_t S, index_t H, index_t D) = delete;
+template <class Derived>
+auto bhsd(const Eigen::PlainObjectBase<Derived>&& m, index_t B, index_t H, index_t S, index_t D) = delete;
 template <class Derived>
 auto bhsd(Eigen::PlainObjectBase<Derived>& m, index_t B, index_t H, index_t S, index_t D) {
   if (m.size() != B * H * S * D)
@@ -135,7 +141,7 @@ struct HeadsMask {
 
 /// A contiguous [batch, heads, rows, cols] boolean mask (true: attend); size-1 dimensions
 /// broadcast: (B, 1, 1, S_k) is a key-padding mask.
-template <class T>
+template <class T = float>
 HeadsMask<T> heads_bool_mask(const bool* keep, index_t batch, index_t heads, index_t rows, index_t cols) {
   return {keep, nullptr, batch, heads, rows, cols, heads * rows * cols, rows * cols, cols};
 }
@@ -152,8 +158,8 @@ struct MultiHeadOptions : AttentionOptions {
   /// to the views' seq; sequence b has n_q = cu_seqlens_q[b+1] − cu_seqlens_q[b] queries and
   /// n_k = cu_seqlens_k[b+1] − cu_seqlens_k[b] keys. The views must then have batch = 1.
   std::vector<index_t> cu_seqlens_q, cu_seqlens_k;
-  /// OpenMP threads; 0: omp_get_max_threads(). Ignored (1) without OpenMP. The results do
-  /// not depend on it.
+  /// OpenMP threads, ≥ 0; 0: omp_get_max_threads(). Ignored (1) without OpenMP. The results
+  /// do not depend on it.
   int num_threads = 0;
 };
 
@@ -166,19 +172,31 @@ enum class SaveForBackward {
 
 /// The saved state of a multi-head forward, for the backward. Set `save` (and `sampler`)
 /// before the forward; the forward fills the rest. Index (b, h) as at(b, h) = b·heads + h.
-/// The SUS mask of (b, h) is sampled with seed head_seed(sampler.seed, b, h).
+/// The SUS mask of (b, h) is sampled with seed head_seed(sampler.seed, b, h): the masks are a
+/// pure function of sampler.seed, so change it every training step (e.g. to the step number);
+/// a fixed seed repeats the same masks, and the step-to-step gradient noise is no longer
+/// independent.
 template <class T>
 struct AttentionState {
   SaveForBackward save = SaveForBackward::sus_mask;
   SamplerOptions sampler;
 
-  index_t sequences = 0;          ///< B, or the number of varlen sequences
+  index_t sequences = 0;          ///< B, or the number of varlen sequences (0 until a forward succeeds)
   index_t heads = 0;              ///< H_q
   std::vector<Vector<T>> lse;     ///< per (b, h): n_q(b) log-sum-exp values (−inf: fully masked row)
   std::vector<Csr<T>> masks;      ///< per (b, h), n_q(b) x n_k(b), when save = sus_mask
   std::vector<Matrix<T>> weights; ///< per (b, h), n_q(b) x n_k(b), when save = dense_weights
 
   index_t at(index_t b, index_t h) const { return b * heads + h; }
+
+  /// The forward's softmax scale, causal flag, alignment and cu_seqlens: the backward checks
+  /// that its options agree (a different scale or mask would silently give wrong gradients).
+  struct Recorded {
+    double scale = 0;
+    bool causal = false;
+    CausalAlignment alignment = CausalAlignment::top_left;
+    std::vector<index_t> cu_seqlens_q, cu_seqlens_k;
+  } recorded;
 };
 
 /// The sampler seed of (sequence b, query head h): masks of different heads are independent.
@@ -195,11 +213,19 @@ inline std::uint64_t head_seed(std::uint64_t seed, index_t b, index_t h) {
 
 namespace detail {
 
-// Element span of a view: 1 + the largest offset it addresses (0 if empty).
+// Element span of a view: 1 + the largest offset it addresses (0 if empty); -1 if that does
+// not fit in index_t.
 template <class T>
 index_t view_span(const HeadsView<T>& v) {
-  if (v.batch == 0 || v.seq == 0 || v.heads == 0 || v.dim == 0) return 0;
-  return (v.batch - 1) * v.stride_batch + (v.seq - 1) * v.stride_seq + (v.heads - 1) * v.stride_head + v.dim;
+  if (v.batch <= 0 || v.seq <= 0 || v.heads <= 0 || v.dim <= 0) return 0;
+  constexpr index_t kMax = std::numeric_limits<index_t>::max();
+  index_t span = v.dim;
+  const index_t sizes[] = {v.batch, v.seq, v.heads}, strides[] = {v.stride_batch, v.stride_seq, v.stride_head};
+  for (int k = 0; k < 3; ++k) {  // span += (size − 1)·stride, without overflow (strides are ≥ 0 here)
+    if (strides[k] > 0 && sizes[k] - 1 > (kMax - span) / strides[k]) return -1;
+    span += (sizes[k] - 1) * strides[k];
+  }
+  return span;
 }
 
 // Sizes, strides, bounds, and no element addressed twice: sorted by stride, each dimension
@@ -216,7 +242,9 @@ void check_view(const char* fn, const char* arg, const HeadsView<T>& v) {
   if (v.stride_batch < 0 || v.stride_seq < 0 || v.stride_head < 0)
     fail(fn, "argument '", arg, "' has a negative stride: ", dims());
   const index_t span = view_span(v);
-  if (span > 0 && v.data == nullptr) fail(fn, "argument '", arg, "' is null: ", dims());
+  if (span < 0) fail(fn, "argument '", arg, "' spans more elements than index_t can count: ", dims());
+  if (span == 0) return;  // addresses nothing
+  if (v.data == nullptr) fail(fn, "argument '", arg, "' is null: ", dims());
   if (v.extent >= 0 && span > v.extent)
     fail(fn, "argument '", arg, "' reaches element ", span - 1, " but its extent is ", v.extent,
          " elements: ", dims());
@@ -343,6 +371,7 @@ void check_head_shapes(const char* fn, const HeadsView<const T>& Q, const HeadsV
   };
   if (Q.dim < 1) fail(fn, "argument 'Q' has shape ", view_shape(Q.batch, Q.seq, Q.heads, Q.dim), ": head dim must be >= 1");
   if (V.dim < 1) fail(fn, "argument 'V' has shape ", view_shape(V.batch, V.seq, V.heads, V.dim), ": value dim must be >= 1");
+  if (Q.heads < 1) fail(fn, "argument 'Q' has shape ", view_shape(Q.batch, Q.seq, Q.heads, Q.dim), ": H_q must be >= 1");
   if (K.heads < 1 || Q.heads % K.heads != 0)
     fail(fn, "argument 'K' has ", K.heads, " heads and 'Q' has ", Q.heads,
          ": H_q must be a multiple of H_kv (grouped-query attention); Q is ", view_shape(Q.batch, Q.seq, Q.heads, Q.dim),
@@ -365,6 +394,18 @@ void check_heads_mask(const char* fn, const HeadsMask<T>& m, const MultiHeadOpti
          B, " or 1, ", H, " or 1, ", s_q, " or 1, ", s_k, "] ([B, H_q, S_q, S_k], size-1 dimensions broadcast)");
   for (index_t b = 0; b < m.batch; ++b)
     for (index_t h = 0; h < m.heads; ++h) check_score_mask(fn, m.head(b, h), s_q, s_k);
+}
+
+// The forward writes O while it reads the mask: they must not share memory (address ranges).
+template <class T>
+void check_mask_disjoint(const char* fn, const HeadsView<const T>& O, const HeadsMask<T>& m) {
+  if (m.empty() || view_span(O) <= 0 || m.cols == 0) return;
+  const index_t last = (m.batch - 1) * m.stride_batch + (m.heads - 1) * m.stride_head +
+                       (m.rows > 1 ? (m.rows - 1) * m.stride_row : 0) + m.cols;
+  const auto m0 = m.keep ? reinterpret_cast<std::uintptr_t>(m.keep) : reinterpret_cast<std::uintptr_t>(m.add);
+  const auto m1 = m.keep ? reinterpret_cast<std::uintptr_t>(m.keep + last) : reinterpret_cast<std::uintptr_t>(m.add + last);
+  const auto o0 = reinterpret_cast<std::uintptr_t>(O.data), o1 = reinterpret_cast<std::uintptr_t>(O.data + view_span(O));
+  if (m0 < o1 && o0 < m1) fail(fn, "output 'O' overlaps argument 'mask' in memory");
 }
 
 // Non-finite entries of one operand, head by head.
@@ -397,15 +438,22 @@ void multihead_forward(const HeadsView<const T>& Q, const HeadsView<const T>& K,
   const T scale = static_cast<T>(resolve_scale(fn, options, Q.dim));
   const std::vector<SequenceSpan> seqs = sequences(fn, options, Q.batch, Q.seq, K.seq);
   check_heads_mask(fn, mask, options, Q.batch, Q.heads, Q.seq, K.seq);
-  if (state.save == SaveForBackward::sus_mask) check_sampler_options(fn, state.sampler);
+  if (state.save == SaveForBackward::sus_mask) {
+    if (state.sampler.c < 1) fail(fn, "argument 'state.sampler.c' = ", state.sampler.c, " must be >= 1");
+    check_sampler_options(fn, state.sampler);
+  }
+  if (options.num_threads < 0) fail(fn, "options.num_threads = ", options.num_threads, " must be >= 0 (0: default)");
+  check_mask_disjoint(fn, Oc, mask);
   check_view_finite(fn, "Q", Q);
   check_view_finite(fn, "K", K);
   check_view_finite(fn, "V", V);
 
   const index_t n_seq = static_cast<index_t>(seqs.size()), H = Q.heads, group = Q.heads / std::max<index_t>(K.heads, 1);
   constexpr index_t Br = ForwardConfig::row_block;
-  state.sequences = n_seq;
+  state.sequences = 0;  // set when the forward succeeds: a state left by a failed call is rejected
   state.heads = H;
+  state.recorded = {static_cast<double>(scale), options.causal, options.alignment, options.cu_seqlens_q,
+                    options.cu_seqlens_k};
   state.lse.assign(static_cast<std::size_t>(n_seq * H), Vector<T>());
   state.masks.assign(state.save == SaveForBackward::sus_mask ? static_cast<std::size_t>(n_seq * H) : 0, Csr<T>());
   state.weights.assign(state.save == SaveForBackward::dense_weights ? static_cast<std::size_t>(n_seq * H) : 0,
@@ -435,10 +483,10 @@ void multihead_forward(const HeadsView<const T>& Q, const HeadsView<const T>& K,
 
   const int threads = resolve_threads(options.num_threads);
   std::vector<std::unique_ptr<ForwardWorkspace<T>>> workspaces(static_cast<std::size_t>(threads));
-  parallel_for(static_cast<index_t>(tasks.size()), threads, [&](index_t t) {
+  parallel_for(static_cast<index_t>(tasks.size()), threads, [&](index_t t, int worker) {
     const Task& task = tasks[t];
     const SequenceSpan& sp = seqs[task.seq];
-    auto& ws = workspaces[static_cast<std::size_t>(thread_index())];
+    auto& ws = workspaces[static_cast<std::size_t>(worker)];
     if (!ws) ws = std::make_unique<ForwardWorkspace<T>>(max_q, max_k, Q.dim);
     const index_t g = task.head / group;
     const ConstMatrixRef<T> Qh = Q.head(sp.batch, task.head, sp.q0, sp.n_q);
@@ -471,7 +519,10 @@ void multihead_forward(const HeadsView<const T>& Q, const HeadsView<const T>& K,
     }
   });
   workspaces.clear();
-  if (state.save != SaveForBackward::sus_mask) return;
+  if (state.save != SaveForBackward::sus_mask) {
+    state.sequences = n_seq;
+    return;
+  }
   // Concatenate each head's blocks in row order (tasks are grouped by head, blocks ascending).
   for (std::size_t t0 = 0; t0 < tasks.size();) {
     std::size_t t1 = t0;
@@ -497,6 +548,7 @@ void multihead_forward(const HeadsView<const T>& Q, const HeadsView<const T>& K,
   for (index_t b = 0; b < n_seq; ++b)
     if (seqs[b].n_q == 0)
       for (index_t h = 0; h < H; ++h) state.masks[state.at(b, h)] = Csr<T>(0, seqs[b].n_k);
+  state.sequences = n_seq;
 }
 
 // The SUS backward of every (sequence, head) in three parallel phases (sparse_backward_rows /
@@ -519,7 +571,7 @@ void sparse_multihead_backward(const HeadsView<const T>& Q, const HeadsView<cons
   std::vector<Matrix<T>> Qp(tmask.size()), dOp(tmask.size()), Kp(static_cast<std::size_t>(n_seq * H_kv)),
       Vp(Kp.size());
   std::vector<ConstMatrixRef<T>> Qr, dOr, Kr, Vr;  // the packed (or original) operands, filled after phase 1
-  parallel_for(n_seq * H + n_seq * H_kv, threads, [&](index_t t) {
+  parallel_for(n_seq * H + n_seq * H_kv, threads, [&](index_t t, int) {
     if (t < n_seq * H) {
       const index_t b = t / H, h = t % H;
       const SequenceSpan& sp = seqs[b];
@@ -558,7 +610,7 @@ void sparse_multihead_backward(const HeadsView<const T>& Q, const HeadsView<cons
     for (index_t g = 0; g < H_kv; ++g)
       for (index_t j0 = 0; j0 < seqs[b].n_k; j0 += block) key_tasks.push_back({b, g, j0, std::min(j0 + block, seqs[b].n_k)});
   }
-  parallel_for(static_cast<index_t>(row_tasks.size()), threads, [&](index_t t) {
+  parallel_for(static_cast<index_t>(row_tasks.size()), threads, [&](index_t t, int) {
     const Block& k = row_tasks[static_cast<std::size_t>(t)];
     const SequenceSpan& sp = seqs[k.seq];
     const index_t bh = k.seq * H + k.head, bg = k.seq * H_kv + k.head / group;
@@ -569,7 +621,7 @@ void sparse_multihead_backward(const HeadsView<const T>& Q, const HeadsView<cons
     sparse_backward_rows<T>(a, state.masks[state.at(k.seq, k.head)], *tmask[bh], scale, accumulate, k.r0, k.r1);
   });
   // Phase 3: tasks (b, g, key block).
-  parallel_for(static_cast<index_t>(key_tasks.size()), threads, [&](index_t t) {
+  parallel_for(static_cast<index_t>(key_tasks.size()), threads, [&](index_t t, int) {
     const Block& k = key_tasks[static_cast<std::size_t>(t)];
     const SequenceSpan& sp = seqs[k.seq];
     const index_t g = k.head, bg = k.seq * H_kv + g;
@@ -620,6 +672,14 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
   if (state.sequences != n_seq || state.heads != H)
     fail(fn, "argument 'state' holds ", state.sequences, " sequences x ", state.heads, " heads, expected ", n_seq,
          " x ", H, " (from Q ", view_shape(Q.batch, Q.seq, Q.heads, Q.dim), ")");
+  if (options.num_threads < 0) fail(fn, "options.num_threads = ", options.num_threads, " must be >= 0 (0: default)");
+  const auto& rec = state.recorded;
+  if (rec.scale != static_cast<double>(scale) || rec.causal != options.causal ||
+      (options.causal && rec.alignment != options.alignment) || rec.cu_seqlens_q != options.cu_seqlens_q ||
+      rec.cu_seqlens_k != options.cu_seqlens_k)
+    fail(fn, "argument 'options' differs from the forward that filled 'state' (scale ", static_cast<double>(scale),
+         " vs ", rec.scale, ", causal ", options.causal, " vs ", rec.causal, ", alignment ", to_string(options.alignment),
+         " vs ", to_string(rec.alignment), ", or cu_seqlens): pass the forward's options");
   const bool sparse = state.save == SaveForBackward::sus_mask;
   if (static_cast<index_t>(sparse ? state.masks.size() : state.weights.size()) != n_seq * H)
     fail(fn, "argument 'state' has ", sparse ? state.masks.size() : state.weights.size(), " saved heads, expected ",
@@ -629,7 +689,8 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
       const SequenceSpan& sp = seqs[b];
       const auto bh = state.at(b, h);
       if (sparse) {
-        check_mask(fn, state.masks[bh], sp.n_q, sp.n_k, options);
+        check_mask(fn, state.masks[bh], sp.n_q, sp.n_k, options,
+                   concat("state.masks[", bh, "] (sequence ", b, ", head ", h, ")"));
       } else {
         const Matrix<T>& W = state.weights[bh];
         check_shape(fn, "state.weights", W, sp.n_q, sp.n_k, "n_q x n_k of its sequence");
@@ -652,7 +713,7 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
   }
   // Dense: tasks (sequence, key/value head), each running the heads of its group in ascending
   // order; the first overwrites dK, dV (unless accumulating) and the others add to them.
-  parallel_for(n_seq * H_kv, threads, [&](index_t t) {
+  parallel_for(n_seq * H_kv, threads, [&](index_t t, int) {
     const index_t b = t / H_kv, g = t % H_kv;
     const SequenceSpan& sp = seqs[b];
     const ConstMatrixRef<T> Kg = K.head(sp.batch, g, sp.k0, sp.n_k);

@@ -26,37 +26,35 @@ inline int resolve_threads(int requested) {
 #endif
 }
 
-// The calling thread's index within parallel_for (0 outside it, or without OpenMP).
-inline int thread_index() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
 // While alive, the calling thread's OpenMP default team size is 1, so an Eigen product run by
-// a task outside a parallel region stays serial — with the same blocking, and so the same
-// bits, as inside one (where Eigen never forks). Without it a serial run (1 thread, or 1 task)
-// would let Eigen split its GEMMs across threads and round differently. (A process that calls
-// Eigen::setNbThreads itself overrides this.)
+// a task stays serial — always with the same blocking, and so the same bits. Without it Eigen
+// would split a GEMM across threads (and block it differently) whenever the task runs outside
+// a parallel region or in a team of one thread (1 thread or 1 task, OMP_THREAD_LIMIT,
+// OMP_DYNAMIC, a call from inside the caller's own parallel region). The setting is per
+// OpenMP task, so every task sets it. (A process that calls Eigen::setNbThreads itself
+// overrides it, and with it the thread-count independence of the dense GEMMs.)
 class SerialEigenScope {
  public:
 #ifdef _OPENMP
   SerialEigenScope() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
   ~SerialEigenScope() { omp_set_num_threads(saved_); }
+#else
+  SerialEigenScope() {}  // user-provided: a scope object, not an unused variable
+  ~SerialEigenScope() {}
+#endif
+  SerialEigenScope(const SerialEigenScope&) = delete;
+  SerialEigenScope& operator=(const SerialEigenScope&) = delete;
 
+#ifdef _OPENMP
  private:
   int saved_;
 #endif
- public:
-  SerialEigenScope(const SerialEigenScope&) = delete;
-  SerialEigenScope& operator=(const SerialEigenScope&) = delete;
 };
 
-// Runs f(task) for task in [0, n_tasks) on `threads` threads (dynamic schedule). An exception
-// thrown by a task is rethrown after the loop; if several tasks throw, the lowest task's
-// exception wins, so the error does not depend on the schedule either.
+// Runs f(task, worker) for task in [0, n_tasks) on up to `threads` threads (dynamic schedule);
+// worker in [0, threads) names the thread running the task (for per-thread scratch). An
+// exception thrown by a task is rethrown after the loop; if several tasks throw, the lowest
+// task's exception wins, so the error does not depend on the schedule either.
 template <class F>
 void parallel_for(index_t n_tasks, int threads, F&& f) {
 #ifdef _OPENMP
@@ -66,7 +64,8 @@ void parallel_for(index_t n_tasks, int threads, F&& f) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (index_t t = 0; t < n_tasks; ++t) {
       try {
-        f(t);
+        const SerialEigenScope serial;
+        f(t, omp_get_thread_num());
       } catch (...) {
 #pragma omp critical(sus_parallel_for_error)
         if (t < error_task) {
@@ -82,7 +81,7 @@ void parallel_for(index_t n_tasks, int threads, F&& f) {
   (void)threads;
 #endif
   const SerialEigenScope serial;
-  for (index_t t = 0; t < n_tasks; ++t) f(t);
+  for (index_t t = 0; t < n_tasks; ++t) f(t, 0);
 }
 
 }  // namespace detail
