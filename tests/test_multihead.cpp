@@ -345,7 +345,7 @@ TEST_CASE("multihead: masks, outputs and gradients are bitwise identical for 1, 
       INFO(c.name << (save == sus::SaveForBackward::sus_mask ? " [SUS]" : " [dense]"));
       std::vector<std::vector<float>> outs;
       std::vector<std::vector<sus::Csr<float>>> masks;
-      for (int threads : {1, 2, 3}) {
+      auto run = [&](int threads) {
         Problem4<float> p(c, 5);
         p.options.num_threads = threads;
         sus::AttentionState<float> state;
@@ -357,23 +357,12 @@ TEST_CASE("multihead: masks, outputs and gradients are bitwise identical for 1, 
         for (auto* buf : {&p.o, &p.dq, &p.dk, &p.dv}) all.insert(all.end(), buf->begin(), buf->end());
         outs.push_back(all);
         masks.push_back(state.masks);
-      }
+      };
+      for (int threads : {1, 2, 3}) run(threads);
 #pragma omp parallel num_threads(2)
       {  // the same call from inside the caller's own parallel region (a nested team of one)
 #pragma omp single
-        {
-          Problem4<float> p(c, 5);
-          p.options.num_threads = 2;
-          sus::AttentionState<float> state;
-          state.save = save;
-          state.sampler = {8, sus::Budget::waterfill, sus::Draw::systematic, 11};
-          sus::multihead_attention_forward(p.Q, p.K, p.V, p.O, state, p.options);
-          sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, state, p.dQ, p.dK, p.dV, p.options);
-          std::vector<float> all;
-          for (auto* buf : {&p.o, &p.dq, &p.dk, &p.dv}) all.insert(all.end(), buf->begin(), buf->end());
-          outs.push_back(all);
-          masks.push_back(state.masks);
-        }
+        run(2);
       }
       for (std::size_t t = 1; t < outs.size(); ++t) {
         CHECK(outs[t] == outs[0]);

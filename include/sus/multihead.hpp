@@ -82,41 +82,43 @@ template <class T>
 HeadsView<T> bhsd(T* data, index_t B, index_t H, index_t S, index_t D) {
   return {data, B, S, H, D, H * S * D, D, S * D, B * H * S * D};
 }
+namespace detail {
+// Checks that an Eigen Matrix or Array holds exactly B·S·H·D elements.
+template <class Derived>
+void check_elements(const char* fn, const Eigen::PlainObjectBase<Derived>& m, index_t elements, const char* product) {
+  if (m.size() != elements)
+    fail(fn, "the matrix has ", m.size(), " elements (", shape(m.rows(), m.cols()), "), expected ", product, " = ",
+         elements);
+}
+}  // namespace detail
+
 /// Eigen conveniences: the storage of a dense Eigen Matrix or Array holding B·S·H·D elements,
-/// read in the given layout (for a Map or other memory, pass its data() pointer).
+/// read in the given layout (for a Map or other memory, pass its data() pointer). A const
+/// object gives a read-only view; a temporary is refused (the view would dangle).
 template <class Derived>
 auto bshd(Eigen::PlainObjectBase<Derived>& m, index_t B, index_t S, index_t H, index_t D) {
-  if (m.size() != B * S * H * D)
-    detail::fail("bshd", "the matrix has ", m.size(), " elements (", detail::shape(m.rows(), m.cols()),
-                 "), expected B·S·H·D = ", B, "·", S, "·", H, "·", D);
+  detail::check_elements("bshd", m, B * S * H * D, "B·S·H·D");
   return bshd(m.data(), B, S, H, D);
 }
 template <class Derived>
 auto bshd(const Eigen::PlainObjectBase<Derived>& m, index_t B, index_t S, index_t H, index_t D) {
-  if (m.size() != B * S * H * D)
-    detail::fail("bshd", "the matrix has ", m.size(), " elements (", detail::shape(m.rows(), m.cols()),
-                 "), expected B·S·H·D = ", B, "·", S, "·", H, "·", D);
+  detail::check_elements("bshd", m, B * S * H * D, "B·S·H·D");
   return bshd(m.data(), B, S, H, D);
 }
-// A view of a temporary would dangle.
 template <class Derived>
 auto bshd(const Eigen::PlainObjectBase<Derived>&& m, index_t B, index_t S, index_t H, index_t D) = delete;
 template <class Derived>
-auto bhsd(const Eigen::PlainObjectBase<Derived>&& m, index_t B, index_t H, index_t S, index_t D) = delete;
-template <class Derived>
 auto bhsd(Eigen::PlainObjectBase<Derived>& m, index_t B, index_t H, index_t S, index_t D) {
-  if (m.size() != B * H * S * D)
-    detail::fail("bhsd", "the matrix has ", m.size(), " elements (", detail::shape(m.rows(), m.cols()),
-                 "), expected B·H·S·D = ", B, "·", H, "·", S, "·", D);
+  detail::check_elements("bhsd", m, B * H * S * D, "B·H·S·D");
   return bhsd(m.data(), B, H, S, D);
 }
 template <class Derived>
 auto bhsd(const Eigen::PlainObjectBase<Derived>& m, index_t B, index_t H, index_t S, index_t D) {
-  if (m.size() != B * H * S * D)
-    detail::fail("bhsd", "the matrix has ", m.size(), " elements (", detail::shape(m.rows(), m.cols()),
-                 "), expected B·H·S·D = ", B, "·", H, "·", S, "·", D);
+  detail::check_elements("bhsd", m, B * H * S * D, "B·H·S·D");
   return bhsd(m.data(), B, H, S, D);
 }
+template <class Derived>
+auto bhsd(const Eigen::PlainObjectBase<Derived>&& m, index_t B, index_t H, index_t S, index_t D) = delete;
 
 /// A boolean or additive score mask for every (batch entry, query head):
 /// [batch, heads, rows, cols] with batch ∈ {1, B}, heads ∈ {1, H_q}, rows ∈ {1, S_q},
