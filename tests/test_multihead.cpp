@@ -574,3 +574,23 @@ TEST_CASE("multihead: bad views, heads, cu_seqlens, masks and states throw sus::
                StartsWith(bwd) && Contains("'state'"));
   }
 }
+
+TEST_CASE("single head: dQ, dK, dV as column blocks of one packed [n, 3d] gradient buffer are accepted",
+          "[multihead][errors]") {
+  // The llm.c layout: qkv and its gradient are [n, 3d]; the three blocks interleave in memory
+  // but share no element. The overlap check must accept them and reject a real overlap.
+  const index_t n = 20, d = 8;
+  const Problem<float> p(n, n, d, d, true, 3);
+  const sus::Csr<float> mask = sus::sample_mask(p.W, {4, sus::Budget::paper, sus::Draw::independent, 1});
+  M<float> packed = M<float>::Zero(n, 3 * d);
+  auto dQ = packed.middleCols(0, d), dK = packed.middleCols(d, d), dV = packed.middleCols(2 * d, d);
+  sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, dQ, dK, dV, p.options);
+  Grads<float> ref(p);
+  sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, ref.dQ, ref.dK, ref.dV, p.options);
+  CHECK(M<float>(dQ) == ref.dQ);
+  CHECK(M<float>(dK) == ref.dK);
+  CHECK(M<float>(dV) == ref.dV);
+  auto dK_bad = packed.middleCols(d / 2, d);  // shares half of each row with dQ
+  CHECK_THAT(error_of([&] { sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, dQ, dK_bad, dV, p.options); }),
+             StartsWith("sus::attention_backward_sparse") && Contains("'dQ'") && Contains("'dK'"));
+}

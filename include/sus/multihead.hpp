@@ -264,15 +264,10 @@ void check_view(const char* fn, const char* arg, const HeadsView<T>& v) {
   }
 }
 
-// One head of a view in bytes: rows segments of `width` bytes, `stride` bytes apart.
-struct HeadSpan {
-  std::uintptr_t start, end;  // [start, end)
-  index_t rows, width, stride;
-};
-
+// The heads of a view as row spans, sorted by start address.
 template <class T>
-std::vector<HeadSpan> head_spans(const HeadsView<T>& v) {
-  std::vector<HeadSpan> out;
+std::vector<RowSpan> head_spans(const HeadsView<T>& v) {
+  std::vector<RowSpan> out;
   if (view_span(v) == 0) return out;
   const index_t sz = sizeof(T), width = v.dim * sz, stride = v.seq > 1 ? v.stride_seq * sz : width;
   for (index_t b = 0; b < v.batch; ++b)
@@ -280,23 +275,8 @@ std::vector<HeadSpan> head_spans(const HeadsView<T>& v) {
       const auto start = reinterpret_cast<std::uintptr_t>(v.data + b * v.stride_batch + h * v.stride_head);
       out.push_back({start, start + static_cast<std::uintptr_t>((v.seq - 1) * stride + width), v.seq, width, stride});
     }
-  std::sort(out.begin(), out.end(), [](const HeadSpan& a, const HeadSpan& b) { return a.start < b.start; });
+  std::sort(out.begin(), out.end(), [](const RowSpan& a, const RowSpan& b) { return a.start < b.start; });
   return out;
-}
-
-// Whether two heads share a byte. Exact when their row strides agree (any packed layout);
-// otherwise any overlap of their address ranges counts.
-inline bool heads_overlap(const HeadSpan& a, const HeadSpan& b) {
-  if (a.start >= b.end || b.start >= a.end) return false;
-  if (a.stride != b.stride || a.width > a.stride || b.width > b.stride) return true;
-  // Row s1 of a meets row s2 of b iff δ − t·R ∈ (−width_b, width_a), t = s1 − s2, δ = b − a.
-  const index_t R = a.stride;
-  const index_t delta = b.start >= a.start ? static_cast<index_t>(b.start - a.start)
-                                           : -static_cast<index_t>(a.start - b.start);
-  auto floor_div = [](index_t x, index_t y) { return x >= 0 ? x / y : -((-x + y - 1) / y); };
-  const index_t t_lo = std::max(-(b.rows - 1), floor_div(delta - a.width, R) + 1);
-  const index_t t_hi = std::min(a.rows - 1, -floor_div(-(delta + b.width), R) - 1);
-  return t_lo <= t_hi;
 }
 
 template <class A, class B>
@@ -304,13 +284,13 @@ void check_views_disjoint(const char* fn, const char* out, const HeadsView<A>& a
   const auto sa = head_spans(a), sb = head_spans(b);
   if (sa.empty() || sb.empty()) return;
   std::uintptr_t longest_b = 0;
-  for (const auto& h : sb) longest_b = std::max(longest_b, h.end - h.start);
+  for (const RowSpan& h : sb) longest_b = std::max(longest_b, h.end - h.start);
   for (const auto& ha : sa) {
     // Heads of b that can reach ha start at or after ha.start − longest_b and before ha.end.
     const std::uintptr_t from = ha.start > longest_b ? ha.start - longest_b : 0;
-    auto it = std::lower_bound(sb.begin(), sb.end(), from, [](const HeadSpan& h, std::uintptr_t x) { return h.start < x; });
+    auto it = std::lower_bound(sb.begin(), sb.end(), from, [](const RowSpan& h, std::uintptr_t x) { return h.start < x; });
     for (; it != sb.end() && it->start < ha.end; ++it)
-      if (heads_overlap(ha, *it))
+      if (rows_overlap(ha, *it))
         fail(fn, "output '", out, "' overlaps argument '", in, "' in memory");
   }
 }

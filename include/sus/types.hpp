@@ -128,17 +128,43 @@ void check_finite(const char* fn, const char* arg, const M& m) {
   }
 }
 
+// A row-major matrix in memory, in bytes: `rows` runs of `width` bytes, `stride` bytes apart,
+// occupying [start, end).
+struct RowSpan {
+  std::uintptr_t start, end;
+  index_t rows, width, stride;
+};
+
+// Whether two row spans share a byte. Exact when their strides agree (column blocks of one
+// packed buffer, such as dQ, dK, dV in an [n, 3·d] gradient); otherwise any overlap of their
+// address ranges counts.
+inline bool rows_overlap(const RowSpan& a, const RowSpan& b) {
+  if (a.start >= b.end || b.start >= a.end) return false;
+  if (a.stride != b.stride || a.width > a.stride || b.width > b.stride) return true;
+  // Row s1 of a meets row s2 of b iff δ − t·R ∈ (−width_b, width_a), t = s1 − s2, δ = b − a.
+  const index_t R = a.stride;
+  const index_t delta = b.start >= a.start ? static_cast<index_t>(b.start - a.start)
+                                           : -static_cast<index_t>(a.start - b.start);
+  auto floor_div = [](index_t x, index_t y) { return x >= 0 ? x / y : -((-x + y - 1) / y); };
+  const index_t t_lo = std::max(-(b.rows - 1), floor_div(delta - a.width, R) + 1);
+  const index_t t_hi = std::min(a.rows - 1, -floor_div(-(delta + b.width), R) - 1);
+  return t_lo <= t_hi;
+}
+
+template <class M>
+RowSpan row_span(const M& m) {
+  using T = typename M::Scalar;
+  const index_t sz = sizeof(T), width = m.cols() * sz, stride = m.rows() > 1 ? m.outerStride() * sz : width;
+  const auto start = reinterpret_cast<std::uintptr_t>(m.data());
+  return {start, start + static_cast<std::uintptr_t>((m.rows() - 1) * stride + width), m.rows(), width, stride};
+}
+
 // Outputs must not share memory with inputs (or each other): the kernels write while reading.
-// Row-major with unit inner stride: a view spans [data, data + (rows − 1)·outerStride + cols).
+// Row-major with unit inner stride; exact for column blocks of one packed buffer.
 template <class A, class B>
 void check_no_overlap(const char* fn, const char* out, const A& a, const char* in, const B& b) {
   if (a.size() == 0 || b.size() == 0) return;
-  // Compared as integers: relational operators on pointers into different objects are unspecified.
-  const auto a0 = reinterpret_cast<std::uintptr_t>(a.data());
-  const auto a1 = reinterpret_cast<std::uintptr_t>(a.data() + (a.rows() - 1) * a.outerStride() + a.cols());
-  const auto b0 = reinterpret_cast<std::uintptr_t>(b.data());
-  const auto b1 = reinterpret_cast<std::uintptr_t>(b.data() + (b.rows() - 1) * b.outerStride() + b.cols());
-  if (a0 < b1 && b0 < a1) fail(fn, "output '", out, "' overlaps argument '", in, "' in memory");
+  if (rows_overlap(row_span(a), row_span(b))) fail(fn, "output '", out, "' overlaps argument '", in, "' in memory");
 }
 
 }  // namespace detail
