@@ -168,30 +168,6 @@ void sample(benchmark::State& state) {
 }
 
 // --- multi-head shape: B = 1, H heads, [B, S, H, D] ---
-struct HeadsInputs {
-  std::vector<float> Q, K, V, dO;
-  explicit HeadsInputs(index_t n, index_t d, index_t h) {
-    std::mt19937_64 gen(n * 1000 + d * 10 + h);
-    std::normal_distribution<float> qk(0.0f, 1.5f), v(0.0f, 1.0f);
-    auto fill = [&](std::normal_distribution<float>& dist) {
-      std::vector<float> x(static_cast<std::size_t>(n * h * d));
-      for (auto& e : x) e = dist(gen);
-      return x;
-    };
-    Q = fill(qk);
-    K = fill(qk);
-    V = fill(v);
-    dO = fill(v);
-  }
-};
-
-const HeadsInputs& heads_inputs(index_t n, index_t d, index_t h) {
-  static std::map<std::tuple<index_t, index_t, index_t>, std::unique_ptr<HeadsInputs>> cache;
-  auto& slot = cache[{n, d, h}];
-  if (!slot) slot = std::make_unique<HeadsInputs>(n, d, h);
-  return *slot;
-}
-
 enum class MhKind { forward_dense, forward_sus, backward_dense, backward_sus };
 
 // Args: n, d, [c,] h, threads.
@@ -201,10 +177,10 @@ void multihead(benchmark::State& state) {
   const index_t n = state.range(0), d = state.range(1), h = state.range(has_c ? 3 : 2);
   const int c = has_c ? static_cast<int>(state.range(2)) : 0;
   const int threads = static_cast<int>(state.range(has_c ? 4 : 3));
-  const HeadsInputs& in = heads_inputs(n, d, h);
-  std::vector<float> O(in.Q.size()), dQ(in.Q.size()), dK(in.Q.size()), dV(in.Q.size());
-  auto view = [&](const std::vector<float>& x) { return sus::bshd(x.data(), 1, n, h, d); };
-  auto out = [&](std::vector<float>& x) { return sus::bshd(x.data(), 1, n, h, d); };
+  const Inputs& in = inputs(n, h * d);  // n x (h·d) row-major: the [1, n, h, d] layout
+  Mat O(n, h * d), dQ(n, h * d), dK(n, h * d), dV(n, h * d);
+  auto view = [&](const Mat& x) { return sus::bshd(x, 1, n, h, d); };
+  auto out = [&](Mat& x) { return sus::bshd(x, 1, n, h, d); };
   sus::MultiHeadOptions options;
   options.num_threads = threads;
   sus::AttentionState<float> st;

@@ -24,20 +24,7 @@ using Catch::Matchers::StartsWith;
 static_assert(std::is_base_of<std::invalid_argument, sus::Error>::value,
               "sus::Error must derive from std::invalid_argument");
 
-// The message of the sus::Error thrown by f, or a marker that makes every matcher below fail.
-template <class F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const sus::Error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<threw a std::exception that is not sus::Error> ") + e.what();
-  } catch (...) {
-    return "<threw a non-std exception>";
-  }
-  return "<no exception>";
-}
+using sus_test::error_message;
 
 template <class T>
 bool all_finite(const Eigen::Map<M<T>>& m) {

@@ -432,17 +432,6 @@ TEST_CASE("multihead: the SUS gradient through the multi-head path is unbiased (
 // ---------------------------------------------------------------------------------------------
 // Bad input: sus::Error naming the argument.
 // ---------------------------------------------------------------------------------------------
-namespace {
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const sus::Error& e) {
-    return e.what();
-  }
-  return "no sus::Error thrown";
-}
-}  // namespace
 
 TEST_CASE("multihead: bad views, heads, cu_seqlens, masks and states throw sus::Error naming the argument",
           "[multihead][errors]") {
@@ -451,7 +440,7 @@ TEST_CASE("multihead: bad views, heads, cu_seqlens, masks and states throw sus::
   sus::AttentionState<float> st;
   auto fwd = [&](const HeadsView<float>& Q, const HeadsView<float>& K, const HeadsView<float>& V,
                  const HeadsView<float>& O, const sus::MultiHeadOptions& o, const sus::HeadsMask<float>& m = {}) {
-    return error_of([&] { sus::multihead_attention_forward(Q, K, V, O, st, o, m); });
+    return error_message([&] { sus::multihead_attention_forward(Q, K, V, O, st, o, m); });
   };
   const std::string fn = "sus::multihead_attention_forward";
   SECTION("strides that address an element twice") {
@@ -481,7 +470,7 @@ TEST_CASE("multihead: bad views, heads, cu_seqlens, masks and states throw sus::
     CHECK_THAT(fwd(p.Q, p.K, p.V, p.Q, p.options), StartsWith(fn) && Contains("'O'") && Contains("'Q'"));
     st.save = sus::SaveForBackward::dense_weights;
     sus::multihead_attention_forward(p.Q, p.K, p.V, p.O, st, p.options);
-    CHECK_THAT(error_of([&] {
+    CHECK_THAT(error_message([&] {
                  sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, st, p.dQ, p.dK, p.K, p.options);
                }),
                StartsWith("sus::multihead_attention_backward") && Contains("'dV'") && Contains("'K'"));
@@ -543,16 +532,16 @@ TEST_CASE("multihead: bad views, heads, cu_seqlens, masks and states throw sus::
     sus::MultiHeadOptions o = p.options;
     o.causal = true;
     const std::string bwd = "sus::multihead_attention_backward";
-    CHECK_THAT(error_of([&] { sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, st, p.dQ, p.dK, p.dV, o); }),
+    CHECK_THAT(error_message([&] { sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, st, p.dQ, p.dK, p.dV, o); }),
                StartsWith(bwd) && Contains("'options'") && Contains("forward"));
     o = p.options;
     o.scale = 0.5;
-    CHECK_THAT(error_of([&] { sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, st, p.dQ, p.dK, p.dV, o); }),
+    CHECK_THAT(error_message([&] { sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, st, p.dQ, p.dK, p.dV, o); }),
                StartsWith(bwd) && Contains("'options'"));
     std::vector<float> big(p.q.size(), 3e38f), ones(p.k.size(), 1.f);  // scores overflow: the forward throws
     CHECK_THAT(fwd(sus::bshd(big.data(), 2, 10, 4, 8), sus::bshd(ones.data(), 2, 10, 2, 8), p.V, p.O, p.options),
                Contains("not finite"));
-    CHECK_THAT(error_of([&] {
+    CHECK_THAT(error_message([&] {
                  sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, st, p.dQ, p.dK, p.dV, p.options);
                }),
                StartsWith(bwd) && Contains("'state'") && Contains("holds 0 sequences"));
@@ -561,14 +550,14 @@ TEST_CASE("multihead: bad views, heads, cu_seqlens, masks and states throw sus::
     st.save = sus::SaveForBackward::lse_only;
     sus::multihead_attention_forward(p.Q, p.K, p.V, p.O, st, p.options);
     const std::string bwd = "sus::multihead_attention_backward";
-    CHECK_THAT(error_of([&] {
+    CHECK_THAT(error_message([&] {
                  sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, st, p.dQ, p.dK, p.dV, p.options);
                }),
                StartsWith(bwd) && Contains("'state'") && Contains("lse_only"));
     st.save = sus::SaveForBackward::sus_mask;
     sus::multihead_attention_forward(p.Q, p.K, p.V, p.O, st, p.options);
     st.heads = 2;
-    CHECK_THAT(error_of([&] {
+    CHECK_THAT(error_message([&] {
                  sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, st, p.dQ, p.dK, p.dV, p.options);
                }),
                StartsWith(bwd) && Contains("'state'"));
@@ -591,6 +580,6 @@ TEST_CASE("single head: dQ, dK, dV as column blocks of one packed [n, 3d] gradie
   CHECK(M<float>(dK) == ref.dK);
   CHECK(M<float>(dV) == ref.dV);
   auto dK_bad = packed.middleCols(d / 2, d);  // shares half of each row with dQ
-  CHECK_THAT(error_of([&] { sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, dQ, dK_bad, dV, p.options); }),
+  CHECK_THAT(error_message([&] { sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, dQ, dK_bad, dV, p.options); }),
              StartsWith("sus::attention_backward_sparse") && Contains("'dQ'") && Contains("'dK'"));
 }

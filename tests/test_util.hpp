@@ -83,6 +83,22 @@ void check_grads_close(const A& got, const B& ref, double tol) {
   CHECK(eV <= tol);
 }
 
+// The message of the sus::Error thrown by f, or a marker that makes every matcher of a
+// message fail.
+template <class F>
+std::string error_message(F&& f) {
+  try {
+    f();
+  } catch (const sus::Error& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("<threw a std::exception that is not sus::Error> ") + e.what();
+  } catch (...) {
+    return "<threw a non-std exception>";
+  }
+  return "<no exception>";
+}
+
 // Two-sided standard normal tail: P(|Z| > z).
 inline double normal_two_sided_tail(double z) { return std::erfc(z / std::sqrt(2.0)); }
 

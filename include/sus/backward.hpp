@@ -111,20 +111,26 @@ void check_mask(const char* fn, const Csr<T>& mask, index_t n_q, index_t n_k, co
              to_string(o.alignment), ")");
 }
 
-// The recorded weights of a dense backward: shape n_q x n_k, softmax rows, zero where a
-// causal query sees no key, not overlapping any output.
+// Recorded weights of a dense backward: shape n_q x n_k, softmax rows, zero where a causal
+// query sees no key.
 template <class T>
-void check_dense_weights(const char* fn, const BackwardArgs<T>& a, const ConstMatrixRef<T>& W, const AttentionOptions& o) {
-  const index_t n_q = a.Q.rows(), n_k = a.K.rows();
-  check_shape(fn, "W", W, n_q, n_k, "n_q x n_k");
-  check_weights(fn, "W", W);
+void check_weights_for(const char* fn, const std::string& arg, const ConstMatrixRef<T>& W, index_t n_q, index_t n_k,
+                       const AttentionOptions& o) {
+  check_shape(fn, arg.c_str(), W, n_q, n_k, "n_q x n_k");
+  check_weights(fn, arg.c_str(), W);
   if (o.causal)
     for (index_t i = 0; i < n_q; ++i) {
       const index_t len = visible_keys(i, n_q, n_k, o);
       if ((W.row(i).tail(n_k - len).array() != T(0)).any())
-        fail(fn, "argument 'W' (", shape(n_q, n_k), ") has a non-zero entry above the diagonal in row ", i,
+        fail(fn, "argument '", arg, "' (", shape(n_q, n_k), ") has a non-zero entry above the diagonal in row ", i,
              " but options.causal is set (", to_string(o.alignment), ")");
     }
+}
+
+// ... and, as an argument of the single-head dense backward, not overlapping any output.
+template <class T>
+void check_dense_weights(const char* fn, const BackwardArgs<T>& a, const ConstMatrixRef<T>& W, const AttentionOptions& o) {
+  check_weights_for(fn, "W", W, a.Q.rows(), a.K.rows(), o);
   check_no_overlap(fn, "dQ", a.dQ, "W", W);
   check_no_overlap(fn, "dK", a.dK, "W", W);
   check_no_overlap(fn, "dV", a.dV, "W", W);

@@ -421,8 +421,7 @@ void multihead_forward(const HeadsView<const T>& Q, const HeadsView<const T>& K,
   const std::vector<SequenceSpan> seqs = sequences(fn, options, Q.batch, Q.seq, K.seq);
   check_heads_mask(fn, mask, options, Q.batch, Q.heads, Q.seq, K.seq);
   if (state.save == SaveForBackward::sus_mask) {
-    if (state.sampler.c < 1) fail(fn, "argument 'state.sampler.c' = ", state.sampler.c, " must be >= 1");
-    check_sampler_options(fn, state.sampler);
+    check_sampler_options(fn, state.sampler, "state.sampler");
   }
   if (options.num_threads < 0) fail(fn, "options.num_threads = ", options.num_threads, " must be >= 0 (0: default)");
   check_mask_disjoint(fn, Oc, mask);
@@ -568,7 +567,7 @@ void sparse_multihead_backward(const HeadsView<const T>& Q, const HeadsView<cons
     }
   });
   auto pick = [](const HeadsView<const T>& v, index_t b, index_t h, index_t r0, index_t n, const Matrix<T>& packed) {
-    return (n > 1 && v.stride_seq != v.dim) ? ConstMatrixRef<T>(packed) : ConstMatrixRef<T>(v.head(b, h, r0, n));
+    return packed.size() > 0 ? ConstMatrixRef<T>(packed) : ConstMatrixRef<T>(v.head(b, h, r0, n));  // copied in phase 1?
   };
   for (index_t b = 0; b < n_seq; ++b) {
     const SequenceSpan& sp = seqs[b];
@@ -674,16 +673,8 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
         check_mask(fn, state.masks[bh], sp.n_q, sp.n_k, options,
                    concat("state.masks[", bh, "] (sequence ", b, ", head ", h, ")"));
       } else {
-        const Matrix<T>& W = state.weights[bh];
-        check_shape(fn, "state.weights", W, sp.n_q, sp.n_k, "n_q x n_k of its sequence");
-        check_weights(fn, "state.weights", ConstMatrixRef<T>(W));
-        if (options.causal)
-          for (index_t i = 0; i < sp.n_q; ++i) {
-            const index_t len = visible_keys(i, sp.n_q, sp.n_k, options);
-            if ((W.row(i).tail(sp.n_k - len).array() != T(0)).any())
-              fail(fn, "argument 'state.weights' of sequence ", b, ", head ", h,
-                   " has a non-zero entry above the diagonal in row ", i, " but options.causal is set");
-          }
+        check_weights_for(fn, concat("state.weights[", bh, "] (sequence ", b, ", head ", h, ")"),
+                          ConstMatrixRef<T>(state.weights[bh]), sp.n_q, sp.n_k, options);
       }
     }
   for (int x = 0; x < 5; ++x) check_view_finite(fn, in_names[x], *ins[x]);

@@ -73,12 +73,13 @@ constexpr double row_sum_tolerance() {
 
 namespace detail {
 
-inline void check_sampler_options(const char* fn, const SamplerOptions& o) {
-  if (o.c < 1) fail(fn, "options.c = ", o.c, " must be >= 1");
+// `name`: how the caller's argument is called ("options", or "state.sampler", ...).
+inline void check_sampler_options(const char* fn, const SamplerOptions& o, const char* name = "options") {
+  if (o.c < 1) fail(fn, name, ".c = ", o.c, " must be >= 1");
   if (o.budget != Budget::paper && o.budget != Budget::waterfill)
-    fail(fn, "options.budget = ", static_cast<int>(o.budget), " is not a Budget");
+    fail(fn, name, ".budget = ", static_cast<int>(o.budget), " is not a Budget");
   if (o.draw != Draw::independent && o.draw != Draw::systematic)
-    fail(fn, "options.draw = ", static_cast<int>(o.draw), " is not a Draw");
+    fail(fn, name, ".draw = ", static_cast<int>(o.draw), " is not a Draw");
 }
 
 // Counter layout: (row, stream) with stream in the high word so that draws never collide.
