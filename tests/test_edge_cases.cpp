@@ -288,7 +288,7 @@ TEMPLATE_TEST_CASE("edge: c = 1 with every budget and draw", "[edge][sampler]", 
 
 // c >= number of non-zero weights, waterfill: every non-zero weight has q = 1, so the mask is W
 // exactly and the sparse backward is the dense backward.
-TEMPLATE_TEST_CASE("edge: c >= n with waterfill keeps W exactly; sparse backward equals dense", "[edge][sampler]",
+TEMPLATE_TEST_CASE("edge: c >= n with waterfill keeps W exactly, and the sparse backward equals the dense one", "[edge][sampler]",
                    float, double) {
   using T = TestType;
   const index_t n = 24;
@@ -357,7 +357,7 @@ TEMPLATE_TEST_CASE("edge: causal row 0 has W(0,0) = 1, its mask row is {(0, 1)},
 // denormals instead of 0: exact zeros there come only from the causal mask, covered by the
 // table). The sampler must never keep a zero weight (W/q = 0/0 would be NaN), and the sparse
 // and dense backwards must stay finite and match the references on such W.
-TEMPLATE_TEST_CASE("edge: weights that are exactly 0 are never sampled; backwards stay finite", "[edge][sampler]",
+TEMPLATE_TEST_CASE("edge: weights that are exactly 0 are never sampled, and the backwards stay finite", "[edge][sampler]",
                    float, double) {
   using T = TestType;
   const index_t n = 48, d = 4, d_v = 3;

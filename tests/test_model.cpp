@@ -322,7 +322,7 @@ TEST_CASE("model: checkpoints round-trip and refuse mismatched files", "[model][
   std::filesystem::remove(path);
 }
 
-TEST_CASE("data: Brown form C becomes plain text; the split is by document", "[model][data]") {
+TEST_CASE("data: Brown form C becomes plain text, and the split is by document", "[model][data]") {
   const std::string raw =
       "\n\n\tThe/at jury/nn said/vbd ``/`` no/at 1-1/2/cd ''/'' ,/, it/pps (/( said/vbd )/) ./.\n\n"
       "Next/ap sentence/nn ./.\n\n\tNew/jj paragraph/nn ./.\n";
