@@ -27,11 +27,8 @@
 
 namespace {
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-constexpr double kLn2 = 0.69314718055994530942;
+using cli::kLn2;
+using cli::seconds_since;
 
 // Mean loss over fixed validation windows (the same windows at every evaluation).
 double evaluate(model::Model<float>& m, const std::vector<std::uint8_t>& val, int n, int B, int batches,
@@ -181,10 +178,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "train: error: %s\n", e.what());
-    return 1;
-  }
+  return cli::run_main("train", [&] { return run(argc, argv); });
 }

@@ -59,9 +59,7 @@ std::vector<Variant> parse_variants(const std::vector<std::string>& names) {
   return out;
 }
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
+using cli::seconds_since;
 
 // One (variant, c) cell at one n: per-minibatch SUS error and mask statistics.
 struct Cell {
@@ -241,7 +239,7 @@ int run(const Settings& st) {
     const double sus_backwards = double(st.M) * st.K * double(cells.size());
     std::printf("n = %d: validation loss %.4f bits per byte; per minibatch: forward %.2f s, exact backward %.2f s, "
                 "SUS sample + backward %.3f s each\n",
-                n, loss_sum / st.M / 0.69314718055994530942, t_fwd / st.M, t_exact / st.M,
+                n, loss_sum / st.M / cli::kLn2, t_fwd / st.M, t_exact / st.M,
                 sus_backwards > 0 ? t_sus / sus_backwards : 0.0);
 
     // Spread table.
@@ -321,10 +319,5 @@ int main_impl(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return main_impl(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "variance: error: %s\n", e.what());
-    return 1;
-  }
+  return cli::run_main("variance", [&] { return main_impl(argc, argv); });
 }

@@ -132,44 +132,6 @@ TEST_CASE("model: whole-model gradient (dense attention backward) matches centra
   CHECK(dir_rel <= tol);
 }
 
-namespace {
-
-struct Moments {
-  std::vector<double> sum, sum2;
-  explicit Moments(std::size_t n) : sum(n, 0), sum2(n, 0) {}
-  void add(const std::vector<double>& g) {
-    for (std::size_t i = 0; i < g.size(); ++i) sum[i] += g[i], sum2[i] += g[i] * g[i];
-  }
-};
-
-struct Verdict {
-  double worst_z = 0;      // max over coordinates of |mean − exact| / (σ/√N)
-  index_t violations = 0;  // coordinates with |mean − exact| > k·σ/√N + rounding slack
-  index_t random_coords = 0;  // coordinates with σ > 0 (those the masks touch)
-};
-
-Verdict judge(const Moments& m, const std::vector<double>& exact, int N, double k) {
-  double scale = 0;
-  for (double x : exact) scale = std::max(scale, std::abs(x));
-  Verdict v;
-  for (std::size_t e = 0; e < exact.size(); ++e) {
-    const double mean = m.sum[e] / N;
-    const double var = std::max(0.0, (m.sum2[e] - N * mean * mean) / (N - 1));
-    const double se = std::sqrt(var / N);
-    const double err = std::abs(mean - exact[e]);
-    // Coordinates no mask reaches (the final LayerNorm, the last MLP, …) have σ = 0 and must
-    // equal the exact gradient up to the rounding of the two computation orders.
-    const double slack = 1e-9 * scale;
-    if (err > k * se + slack) ++v.violations;
-    if (se > 1e-12 * scale) {
-      ++v.random_coords;
-      v.worst_z = std::max(v.worst_z, err / se);
-    }
-  }
-  return v;
-}
-
-}  // namespace
 
 // The whole-model SUS gradient (every attention backward sparse, fresh masks per layer,
 // sequence and head) is unbiased: over N = 2000 seeds its mean is within k·σ/√N of the exact
@@ -206,7 +168,9 @@ TEST_CASE("model: the whole-model SUS gradient is unbiased (mean over 2000 seeds
       m.backward(model::Backward::sparse);
       mom.add(m.grads);
     }
-    const Verdict v = judge(mom, exact, N, k);
+    // Coordinates no mask reaches (the final LayerNorm, the last MLP, …) have σ = 0 and must
+    // equal the exact gradient up to the rounding of the two computation orders (slack 1e-9).
+    const Verdict v = judge_means(mom, exact, N, k, /*slack_rel=*/1e-9, /*random_rel=*/1e-12);
     std::printf("model unbiasedness (%s/%s, c = %d, N = %d): worst z = %.2f over %lld random coordinates "
                 "(threshold %.2f)\n",
                 sus::to_string(budget), sus::to_string(draw), c, N, v.worst_z, static_cast<long long>(v.random_coords),
@@ -233,7 +197,7 @@ TEST_CASE("model: the whole-model SUS gradient is unbiased (mean over 2000 seeds
       m.backward(model::Backward::sparse);
       mom.add(m.grads);
     }
-    const Verdict v = judge(mom, exact, N_power, k);
+    const Verdict v = judge_means(mom, exact, N_power, k, /*slack_rel=*/1e-9, /*random_rel=*/1e-12);
     std::printf("model unbiasedness power check (no 1/q): worst z = %.1f, %lld violations\n", v.worst_z,
                 static_cast<long long>(v.violations));
     CHECK(v.violations > 0);

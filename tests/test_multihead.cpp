@@ -400,32 +400,21 @@ TEST_CASE("multihead: the SUS gradient through the multi-head path is unbiased (
     sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, dense, p.dQ, p.dK, p.dV, p.options);
     std::vector<double> exact;
     for (auto* buf : {&p.dq, &p.dk, &p.dv}) exact.insert(exact.end(), buf->begin(), buf->end());
-    std::vector<double> sum(exact.size(), 0), sum2(exact.size(), 0);
+    Moments mom(exact.size());
     sus::AttentionState<double> state;
+    std::vector<double> g;
     for (int n = 0; n < N; ++n) {
       state.sampler = {2, variant.first, variant.second, static_cast<std::uint64_t>(1000 + n)};
       sus::multihead_attention_forward(p.Q, p.K, p.V, p.O, state, p.options);
       sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, state, p.dQ, p.dK, p.dV, p.options);
-      std::size_t e = 0;
-      for (auto* buf : {&p.dq, &p.dk, &p.dv})
-        for (double x : *buf) {
-          sum[e] += x;
-          sum2[e] += x * x;
-          ++e;
-        }
+      g.clear();
+      for (auto* buf : {&p.dq, &p.dk, &p.dv}) g.insert(g.end(), buf->begin(), buf->end());
+      mom.add(g);
     }
-    double worst_z = 0, scale = 0;
-    index_t violations = 0, random_entries = 0;
-    for (double x : exact) scale = std::max(scale, std::abs(x));
-    for (std::size_t e = 0; e < exact.size(); ++e) {
-      const double mean = sum[e] / N, var = std::max(0.0, (sum2[e] - N * mean * mean) / (N - 1)), se = std::sqrt(var / N);
-      const double err = std::abs(mean - exact[e]);
-      if (err > k * se + 1e-12 * scale) ++violations;
-      if (se > 0) worst_z = std::max(worst_z, err / se), ++random_entries;
-    }
-    CAPTURE(worst_z, violations, random_entries, exact.size());
-    CHECK(violations == 0);
-    CHECK(random_entries > static_cast<index_t>(exact.size()) / 2);  // the masks really are random
+    const Verdict v = judge_means(mom, exact, N, k, /*slack_rel=*/1e-12);
+    CAPTURE(v.worst_z, v.violations, v.random_coords, exact.size());
+    CHECK(v.violations == 0);
+    CHECK(v.random_coords > static_cast<index_t>(exact.size()) / 2);  // the masks really are random
   }
 }
 

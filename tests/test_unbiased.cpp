@@ -10,47 +10,9 @@ using namespace sus_test;
 
 namespace {
 
-struct Moments {
-  // Running sums of x and x² per entry of dQ | dK | dV, flattened.
-  std::vector<double> sum, sum2;
-  explicit Moments(std::size_t n) : sum(n, 0), sum2(n, 0) {}
-  void add(const Grads<double>& g) {
-    std::size_t k = 0;
-    for (const M<double>* m : {&g.dQ, &g.dK, &g.dV})
-      for (index_t i = 0; i < m->size(); ++i, ++k) {
-        const double x = m->data()[i];
-        sum[k] += x;
-        sum2[k] += x * x;
-      }
-  }
-};
-
 std::vector<double> flatten(const Grads<double>& g) {
   std::vector<double> v;
   for (const M<double>* m : {&g.dQ, &g.dK, &g.dV}) v.insert(v.end(), m->data(), m->data() + m->size());
-  return v;
-}
-
-struct Verdict {
-  double worst_z = 0;       // max over entries of |mean − exact| / (σ/√N)
-  index_t violations = 0;   // entries with |mean − exact| > k σ/√N (+ rounding slack)
-};
-
-// For each entry: |mean − exact| ≤ k·σ/√N, σ the sample standard deviation over the N draws.
-// Entries with σ = 0 (always exactly computed, e.g. causal row 0) must equal exact up to rounding.
-Verdict judge(const Moments& m, const std::vector<double>& exact, int N, double k) {
-  double scale = 0;
-  for (double x : exact) scale = std::max(scale, std::abs(x));
-  Verdict v;
-  for (std::size_t e = 0; e < exact.size(); ++e) {
-    const double mean = m.sum[e] / N;
-    const double var = std::max(0.0, (m.sum2[e] - N * mean * mean) / (N - 1));
-    const double se = std::sqrt(var / N);
-    const double err = std::abs(mean - exact[e]);
-    const double slack = 1e-12 * scale;  // float64 rounding of the sums
-    if (err > k * se + slack) ++v.violations;
-    if (se > 0) v.worst_z = std::max(v.worst_z, err / se);
-  }
   return v;
 }
 
@@ -79,9 +41,9 @@ TEST_CASE("SUS gradients are unbiased: mean over 4000 seeds within 5 sigma/sqrt(
           const auto mask = sus::sample_mask(p.W, {c, budget, draw, static_cast<std::uint64_t>(t)});
           kept += mask.nnz();
           sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, g.dQ, g.dK, g.dV, p.options);
-          mom.add(g);
+          mom.add(flatten(g));
         }
-        const Verdict v = judge(mom, ex, N, k);
+        const Verdict v = judge_means(mom, ex, N, k, /*slack_rel=*/1e-12);  // rounding of the float64 sums
         CAPTURE(v.worst_z, v.violations, kept / N / n);
         CHECK(v.violations == 0);
         // The estimator is random (a test of a constant would pass trivially).
@@ -108,9 +70,9 @@ TEST_CASE("the unbiasedness check rejects an estimator without 1/q rescaling", "
       for (index_t e = mask.row_offsets[i]; e < mask.row_offsets[i + 1]; ++e) mask.values[e] *= q[mask.col_indices[e]];
     }
     sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, g.dQ, g.dK, g.dV, p.options);
-    mom.add(g);
+    mom.add(flatten(g));
   }
-  const Verdict v = judge(mom, ex, N, 5.0);
+  const Verdict v = judge_means(mom, ex, N, 5.0, /*slack_rel=*/1e-12);
   CAPTURE(v.worst_z, v.violations);
   CHECK(v.violations > static_cast<index_t>(ex.size() / 10));
 }

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <vector>
 
 namespace sus_test {
 
@@ -110,6 +111,44 @@ inline double normal_two_sided_quantile(double alpha) {
     (normal_two_sided_tail(mid) > alpha ? lo : hi) = mid;
   }
   return hi;
+}
+
+// Mean-within-kσ/√N tests of unbiasedness: running sums of x and x² per coordinate over N
+// draws, judged against the exact values.
+struct Moments {
+  std::vector<double> sum, sum2;
+  explicit Moments(std::size_t n) : sum(n, 0), sum2(n, 0) {}
+  void add(const std::vector<double>& x) {
+    for (std::size_t i = 0; i < x.size(); ++i) sum[i] += x[i], sum2[i] += x[i] * x[i];
+  }
+};
+
+struct Verdict {
+  double worst_z = 0;         // max over the random coordinates of |mean − exact| / (σ/√N)
+  index_t violations = 0;     // coordinates with |mean − exact| > k·σ/√N + slack
+  index_t random_coords = 0;  // coordinates with σ/√N > random_rel·max|exact| (those the masks make random)
+};
+
+// σ is the sample standard deviation over the N draws. slack = slack_rel·max|exact| covers the
+// rounding of the two computation orders, for coordinates that are exact in every draw (σ = 0).
+inline Verdict judge_means(const Moments& m, const std::vector<double>& exact, int N, double k, double slack_rel,
+                           double random_rel = 0) {
+  double scale = 0;
+  for (double x : exact) scale = std::max(scale, std::abs(x));
+  const double slack = slack_rel * scale;
+  Verdict v;
+  for (std::size_t e = 0; e < exact.size(); ++e) {
+    const double mean = m.sum[e] / N;
+    const double var = std::max(0.0, (m.sum2[e] - N * mean * mean) / (N - 1));
+    const double se = std::sqrt(var / N);
+    const double err = std::abs(mean - exact[e]);
+    if (err > k * se + slack) ++v.violations;
+    if (se > random_rel * scale) {
+      ++v.random_coords;
+      v.worst_z = std::max(v.worst_z, err / se);
+    }
+  }
+  return v;
 }
 
 }  // namespace sus_test

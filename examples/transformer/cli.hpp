@@ -1,4 +1,5 @@
-// cli — the small command-line parser shared by examples/train.cpp and examples/variance.cpp.
+// cli — the small command-line parser shared by examples/train.cpp and examples/variance.cpp,
+// plus what both mains share (wall-clock seconds, nats → bits, the error-reporting main).
 //
 //   cli::Args args(argc, argv);              // --name value, --name=value, or a bare --flag
 //   int n = args.get("n", 512);               // typed, with a default
@@ -8,7 +9,10 @@
 
 #include <sus/sus.hpp>
 
+#include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <exception>
 #include <map>
 #include <set>
 #include <sstream>
@@ -92,6 +96,24 @@ inline sus::Draw parse_draw(const std::string& s) {
   if (s == "independent") return sus::Draw::independent;
   if (s == "systematic") return sus::Draw::systematic;
   throw std::invalid_argument("draw '" + s + "' is not independent or systematic");
+}
+
+/// Natural log of 2: a loss in nats divided by this is in bits.
+constexpr double kLn2 = 0.69314718055994530942;
+
+inline double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+/// Runs a program's body; an exception becomes "PROGRAM: error: what" on stderr and exit code 1.
+template <class Body>
+int run_main(const char* program, Body body) {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: error: %s\n", program, e.what());
+    return 1;
+  }
 }
 
 }  // namespace cli
