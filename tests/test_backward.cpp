@@ -154,18 +154,21 @@ TEST_CASE("determinism: same seed gives bitwise identical masks and gradients, o
 TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed SpMM", "[backward][sparse]") {
   // The fused kernel scatters into dK, dV in ascending row order; the composition gathers
   // through the transposed mask in the same order. Same operations, same order: same bits.
+  // d = d_v = 64 takes the kernel's compile-time-length path; (24, 20) the run-time one.
+  for (auto dims : {std::make_pair(index_t(24), index_t(20)), std::make_pair(index_t(64), index_t(64))})
   for (bool accumulate : {false, true}) {
-    INFO("accumulate=" << accumulate);
-    const Problem<float> p(150, 170, 24, 20, false, 61, 2.0);
+    const index_t d = dims.first, d_v = dims.second;
+    INFO("accumulate=" << accumulate << " d=" << d << " d_v=" << d_v);
+    const Problem<float> p(150, 170, d, d_v, false, 61, 2.0);
     const auto mask = sus::sample_mask(p.W, {5, sus::Budget::waterfill, sus::Draw::independent, 8});
-    const float s = static_cast<float>(1.0 / std::sqrt(24.0));  // as the library rounds it
+    const float s = static_cast<float>(1.0 / std::sqrt(double(d)));  // as the library rounds it
     sus::AttentionOptions o = p.options;
     o.accumulate = accumulate;
     Grads<float> fused(p), composed(p);
     for (Grads<float>* g : {&fused, &composed}) {  // same starting values for accumulate
-      g->dQ = random_matrix<float>(150, 24, 1);
-      g->dK = random_matrix<float>(170, 24, 2);
-      g->dV = random_matrix<float>(170, 20, 3);
+      g->dQ = random_matrix<float>(150, d, 1);
+      g->dK = random_matrix<float>(170, d, 2);
+      g->dV = random_matrix<float>(170, d_v, 3);
     }
     sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, fused.dQ, fused.dK, fused.dV, o);
 
@@ -184,4 +187,46 @@ TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed
     CHECK(fused.dV == composed.dV);
     CAPTURE((fused.dK - composed.dK).cwiseAbs().maxCoeff());
   }
+}
+
+TEST_CASE("sparse backward on strided views (heads of fused QKV and gradient buffers) is bitwise equal to contiguous",
+          "[backward][sparse]") {
+  // The kernel packs strided K, V and gathers dK, dV in contiguous scratch: data movement only,
+  // so the bits must not change. Head 1 of 3 in [n, 3·H·d]-style buffers, causal, both dims paths.
+  for (index_t d : {index_t(64), index_t(24)})
+    for (bool accumulate : {false, true}) {
+      INFO("d=" << d << " accumulate=" << accumulate);
+      const index_t n = 140, H = 3, h = 1;
+      const Problem<float> p(n, n, d, d, true, 71, 2.0);
+      const auto mask = sus::sample_mask(p.W, {6, sus::Budget::paper, sus::Draw::systematic, 9});
+      sus::AttentionOptions o = p.options;
+      o.accumulate = accumulate;
+      // Wide buffers holding the head at columns [h·d, (h+1)·d), other columns filled with noise.
+      auto wide = [&](const M<float>& x, std::uint64_t seed) {
+        M<float> w = random_matrix<float>(n, H * d, seed);
+        w.middleCols(h * d, d) = x;
+        return w;
+      };
+      const M<float> Qw = wide(p.Q, 1), Kw = wide(p.K, 2), Vw = wide(p.V, 3), Ow = wide(p.O, 4), dOw = wide(p.dO, 5);
+      M<float> dQw = random_matrix<float>(n, H * d, 6), dKw = random_matrix<float>(n, H * d, 7),
+               dVw = random_matrix<float>(n, H * d, 8);
+      const M<float> dQw0 = dQw, dKw0 = dKw, dVw0 = dVw;
+      Grads<float> c(p);
+      c.dQ = dQw.middleCols(h * d, d);
+      c.dK = dKw.middleCols(h * d, d);
+      c.dV = dVw.middleCols(h * d, d);
+      sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, c.dQ, c.dK, c.dV, o);
+      const auto cols = [&](const M<float>& x) { return sus::ConstMatrixRef<float>(x.middleCols(h * d, d)); };
+      sus::MatrixRef<float> dQ(dQw.middleCols(h * d, d)), dK(dKw.middleCols(h * d, d)), dV(dVw.middleCols(h * d, d));
+      sus::attention_backward_sparse(cols(Qw), cols(Kw), cols(Vw), cols(Ow), cols(dOw), mask, dQ, dK, dV, o);
+      CHECK(M<float>(dQw.middleCols(h * d, d)) == c.dQ);
+      CHECK(M<float>(dKw.middleCols(h * d, d)) == c.dK);
+      CHECK(M<float>(dVw.middleCols(h * d, d)) == c.dV);
+      // Columns of the other heads are untouched.
+      for (index_t other : {index_t(0), index_t(2)}) {
+        CHECK(dQw.middleCols(other * d, d) == dQw0.middleCols(other * d, d));
+        CHECK(dKw.middleCols(other * d, d) == dKw0.middleCols(other * d, d));
+        CHECK(dVw.middleCols(other * d, d) == dVw0.middleCols(other * d, d));
+      }
+    }
 }

@@ -140,7 +140,11 @@ void check_dense_weights(const char* fn, const BackwardArgs<T>& a, const ConstMa
 template <class T>
 Vector<T> row_dot(const ConstMatrixRef<T>& dO, const ConstMatrixRef<T>& O) {
   Vector<T> D(dO.rows());
-  for (index_t i = 0; i < dO.rows(); ++i) D[i] = dot(dO.row(i).data(), O.row(i).data(), dO.cols());
+  with_fixed_dim(dO.cols(), [&](auto fixed) {
+    constexpr index_t F = decltype(fixed)::value;
+    const index_t len = F ? F : dO.cols();
+    for (index_t i = 0; i < dO.rows(); ++i) D[i] = dot(dO.row(i).data(), O.row(i).data(), len);
+  });
   return D;
 }
 
@@ -155,54 +159,113 @@ Vector<T> row_dot(const ConstMatrixRef<T>& dO, const ConstMatrixRef<T>& O) {
 // of the sparse primitives (tested).
 // acc_q / acc_kv: add into dQ / into dK and dV, instead of overwriting (grouped-query heads
 // add their dK, dV into one shared key/value head).
+// Rows of a view are `outerStride` apart; a view whose rows are not back to back (a head of a
+// fused [n, 3·H·d] QKV buffer, say) is gathered at random by the sparse kernels, and each
+// gathered row then costs its own TLB entry and cache lines of a wide span.
+template <class M>
+bool rows_contiguous(const M& m) {
+  return m.rows() <= 1 || m.outerStride() == m.cols();
+}
+
+// A per-thread scratch buffer of at least `count` values, reused by every call on the thread
+// (it grows to the largest request and is freed when the thread exits). Only leaf kernels,
+// which call nothing else that uses it, may hold it.
+template <class T>
+T* thread_workspace(index_t count) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<index_t>(buffer.size()) < count) buffer.resize(static_cast<std::size_t>(count));
+  return buffer.data();
+}
+
 template <class T>
 void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv) {
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
   // D_i = dO_i · O_i
   const Vector<T> D = row_dot<T>(a.dO, a.O);
-  // gK, gV: the unscaled transposed sums. Written straight into dK, dV unless accumulating.
-  Matrix<T> gK_tmp, gV_tmp;
-  const bool accumulate = acc_kv;
-  if (accumulate) {
-    gK_tmp = Matrix<T>::Zero(n_k, d);
-    gV_tmp = Matrix<T>::Zero(n_k, d_v);
-  } else {
-    a.dK.setZero();
-    a.dV.setZero();
+  // K, V are gathered at random: strided views are packed first (O(n_k·d), against the
+  // O(nnz·d) gathers). Packing moves data only; the arithmetic, and so the bits, are unchanged.
+  // gK, gV: the unscaled transposed sums, scattered at random like K, V are gathered. Written
+  // straight into dK, dV when those are contiguous and overwritten; otherwise into contiguous
+  // temporaries, copied (or added) at the end. Packed copies and temporaries live in a
+  // per-thread workspace reused across calls (fresh allocations of this size would be
+  // returned to the OS and page-faulted back in on every call).
+  const bool pack_k = !rows_contiguous(a.K), pack_v = !rows_contiguous(a.V);
+  const bool direct_k = !acc_kv && rows_contiguous(a.dK), direct_v = !acc_kv && rows_contiguous(a.dV);
+  T* ws = thread_workspace<T>((pack_k ? n_k * d : 0) + (pack_v ? n_k * d_v : 0) + (direct_k ? 0 : n_k * d) +
+                              (direct_v ? 0 : n_k * d_v));
+  using RowMajorMap = Eigen::Map<Matrix<T>>;
+  auto carve = [&](index_t cols) {
+    T* p = ws;
+    ws += n_k * cols;
+    return p;
+  };
+  const T* K_base = a.K.data();
+  const T* V_base = a.V.data();
+  index_t K_stride = a.K.outerStride(), V_stride = a.V.outerStride();
+  if (pack_k) {
+    T* p = carve(d);
+    RowMajorMap(p, n_k, d) = a.K;
+    K_base = p, K_stride = d;
   }
-  auto gK_row = [&](index_t j) { return accumulate ? gK_tmp.row(j).data() : a.dK.row(j).data(); };
-  auto gV_row = [&](index_t j) { return accumulate ? gV_tmp.row(j).data() : a.dV.row(j).data(); };
+  if (pack_v) {
+    T* p = carve(d_v);
+    RowMajorMap(p, n_k, d_v) = a.V;
+    V_base = p, V_stride = d_v;
+  }
+  T* gK_base = a.dK.data();
+  T* gV_base = a.dV.data();
+  index_t gK_stride = a.dK.outerStride(), gV_stride = a.dV.outerStride();
+  if (direct_k) a.dK.setZero();
+  else gK_base = carve(d), gK_stride = d, std::fill(gK_base, gK_base + n_k * d, T(0));
+  if (direct_v) a.dV.setZero();
+  else gV_base = carve(d_v), gV_stride = d_v, std::fill(gV_base, gV_base + n_k * d_v, T(0));
+  auto K_row = [&](index_t j) { return K_base + j * K_stride; };
+  auto V_row = [&](index_t j) { return V_base + j * V_stride; };
+  auto gK_row = [&](index_t j) { return gK_base + j * gK_stride; };
+  auto gV_row = [&](index_t j) { return gV_base + j * gV_stride; };
   Eigen::Matrix<T, 1, Eigen::Dynamic> acc(d);
   constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
   const index_t nnz = mask.nnz();
-  for (index_t i = 0; i < n_q; ++i) {
-    const T* q_i = a.Q.row(i).data();
-    const T* do_i = a.dO.row(i).data();
-    acc.setZero();
-    for (index_t p = mask.row_offsets[i]; p < mask.row_offsets[i + 1]; ++p) {
-      if (ahead > 0 && p + ahead < nnz) {
-        const index_t jn = mask.col_indices[p + ahead];
-        prefetch(a.V.row(jn).data(), d_v * index_t(sizeof(T)), false);
-        prefetch(a.K.row(jn).data(), d * index_t(sizeof(T)), false);
-        prefetch(gK_row(jn), d * index_t(sizeof(T)), true);
-        prefetch(gV_row(jn), d_v * index_t(sizeof(T)), true);
+  // d = d_v = 64 or 128: compile-time lengths (with_fixed_dim); otherwise run-time ones.
+  with_fixed_dim(d == d_v ? d : 0, [&](auto fixed) {
+    constexpr index_t F = decltype(fixed)::value;
+    const index_t dk = F ? F : d, dv = F ? F : d_v;
+    for (index_t i = 0; i < n_q; ++i) {
+      const T* q_i = a.Q.row(i).data();
+      const T* do_i = a.dO.row(i).data();
+      T* acc_i = acc.data();
+      std::fill(acc_i, acc_i + dk, T(0));
+      for (index_t p = mask.row_offsets[i]; p < mask.row_offsets[i + 1]; ++p) {
+        if (ahead > 0 && p + ahead < nnz) {
+          const index_t jn = mask.col_indices[p + ahead];
+          prefetch(V_row(jn), dv * index_t(sizeof(T)), false);
+          prefetch(K_row(jn), dk * index_t(sizeof(T)), false);
+          prefetch(gK_row(jn), dk * index_t(sizeof(T)), true);
+          prefetch(gV_row(jn), dv * index_t(sizeof(T)), true);
+        }
+        const index_t j = mask.col_indices[p];
+        const T w = mask.values[p];
+        const T dS = w * (dot(do_i, V_row(j), dv) - D[i]);
+        axpy(dS, K_row(j), acc_i, dk);
+        axpy(dS, q_i, gK_row(j), dk);
+        axpy(w, do_i, gV_row(j), dv);
       }
-      const index_t j = mask.col_indices[p];
-      const T w = mask.values[p];
-      const T dS = w * (dot(do_i, a.V.row(j).data(), d_v) - D[i]);
-      axpy(dS, a.K.row(j).data(), acc.data(), d);
-      axpy(dS, q_i, gK_row(j), d);
-      axpy(w, do_i, gV_row(j), d_v);
+      if (acc_q) a.dQ.row(i).noalias() += s * acc;
+      else a.dQ.row(i).noalias() = s * acc;
     }
-    if (acc_q) a.dQ.row(i).noalias() += s * acc;
-    else a.dQ.row(i).noalias() = s * acc;
-  }
+  });
   // dK = s·gK, dV = gV
-  if (accumulate) {
-    a.dK.noalias() += s * gK_tmp;
-    a.dV += gV_tmp;
-  } else {
+  if (direct_k) {
     a.dK *= s;
+  } else {
+    const RowMajorMap gK(gK_base, n_k, d);
+    if (acc_kv) a.dK.noalias() += s * gK;
+    else a.dK.noalias() = s * gK;
+  }
+  if (!direct_v) {
+    const RowMajorMap gV(gV_base, n_k, d_v);
+    if (acc_kv) a.dV += gV;
+    else a.dV = gV;
   }
 }
 
@@ -248,24 +311,29 @@ void sparse_backward_rows(const BackwardArgs<T>& a, const Csr<T>& mask, Transpos
   Eigen::Matrix<T, 1, Eigen::Dynamic> acc(d);
   constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
   const index_t end = mask.row_offsets[i1];
-  for (index_t i = i0; i < i1; ++i) {
-    const T* do_i = a.dO.row(i).data();
-    const T D = dot(do_i, a.O.row(i).data(), d_v);
-    acc.setZero();
-    for (index_t p = mask.row_offsets[i]; p < mask.row_offsets[i + 1]; ++p) {
-      if (ahead > 0 && p + ahead < end) {
-        const index_t jn = mask.col_indices[p + ahead];
-        prefetch(a.V.row(jn).data(), d_v * index_t(sizeof(T)), false);
-        prefetch(a.K.row(jn).data(), d * index_t(sizeof(T)), false);
+  with_fixed_dim(d == d_v ? d : 0, [&](auto fixed) {
+    constexpr index_t F = decltype(fixed)::value;
+    const index_t dk = F ? F : d, dv = F ? F : d_v;
+    for (index_t i = i0; i < i1; ++i) {
+      const T* do_i = a.dO.row(i).data();
+      const T D = dot(do_i, a.O.row(i).data(), dv);
+      T* acc_i = acc.data();
+      std::fill(acc_i, acc_i + dk, T(0));
+      for (index_t p = mask.row_offsets[i]; p < mask.row_offsets[i + 1]; ++p) {
+        if (ahead > 0 && p + ahead < end) {
+          const index_t jn = mask.col_indices[p + ahead];
+          prefetch(a.V.row(jn).data(), dv * index_t(sizeof(T)), false);
+          prefetch(a.K.row(jn).data(), dk * index_t(sizeof(T)), false);
+        }
+        const index_t j = mask.col_indices[p];
+        const T dS = mask.values[p] * (dot(do_i, a.V.row(j).data(), dv) - D);
+        axpy(dS, a.K.row(j).data(), acc_i, dk);
+        t.dS[t.pos[p]] = dS;
       }
-      const index_t j = mask.col_indices[p];
-      const T dS = mask.values[p] * (dot(do_i, a.V.row(j).data(), d_v) - D);
-      axpy(dS, a.K.row(j).data(), acc.data(), d);
-      t.dS[t.pos[p]] = dS;
+      if (acc_q) a.dQ.row(i).noalias() += s * acc;
+      else a.dQ.row(i).noalias() = s * acc;
     }
-    if (acc_q) a.dQ.row(i).noalias() += s * acc;
-    else a.dQ.row(i).noalias() = s * acc;
-  }
+  });
 }
 
 template <class T>
@@ -275,27 +343,31 @@ void sparse_backward_keys(const BackwardArgs<T>& a, const TransposedMask<T>& t, 
   Eigen::Matrix<T, 1, Eigen::Dynamic> gK(d), gV(d_v);
   constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
   const index_t end = t.offsets[j1];
-  for (index_t j = j0; j < j1; ++j) {
-    gK.setZero();
-    gV.setZero();
-    for (index_t q = t.offsets[j]; q < t.offsets[j + 1]; ++q) {
-      if (ahead > 0 && q + ahead < end) {
-        const index_t in = t.rows[q + ahead];
-        prefetch(a.Q.row(in).data(), d * index_t(sizeof(T)), false);
-        prefetch(a.dO.row(in).data(), d_v * index_t(sizeof(T)), false);
+  with_fixed_dim(d == d_v ? d : 0, [&](auto fixed) {
+    constexpr index_t F = decltype(fixed)::value;
+    const index_t dk = F ? F : d, dv = F ? F : d_v;
+    for (index_t j = j0; j < j1; ++j) {
+      gK.setZero();
+      gV.setZero();
+      for (index_t q = t.offsets[j]; q < t.offsets[j + 1]; ++q) {
+        if (ahead > 0 && q + ahead < end) {
+          const index_t in = t.rows[q + ahead];
+          prefetch(a.Q.row(in).data(), dk * index_t(sizeof(T)), false);
+          prefetch(a.dO.row(in).data(), dv * index_t(sizeof(T)), false);
+        }
+        const index_t i = t.rows[q];
+        axpy(t.dS[q], a.Q.row(i).data(), gK.data(), dk);
+        axpy(t.w[q], a.dO.row(i).data(), gV.data(), dv);
       }
-      const index_t i = t.rows[q];
-      axpy(t.dS[q], a.Q.row(i).data(), gK.data(), d);
-      axpy(t.w[q], a.dO.row(i).data(), gV.data(), d_v);
+      if (acc_kv) {
+        a.dK.row(j).noalias() += s * gK;
+        a.dV.row(j) += gV;
+      } else {
+        a.dK.row(j).noalias() = s * gK;
+        a.dV.row(j) = gV;
+      }
     }
-    if (acc_kv) {
-      a.dK.row(j).noalias() += s * gK;
-      a.dV.row(j) += gV;
-    } else {
-      a.dK.row(j).noalias() = s * gK;
-      a.dV.row(j) = gV;
-    }
-  }
+  });
 }
 
 template <class T>

@@ -21,11 +21,31 @@ struct type_identity {
 template <class T>
 using nodeduce_t = typename type_identity<T>::type;
 
+// Forces inlining where the compiler supports it: the sparse kernels call dot and axpy once
+// per kept entry, on rows of 64 or 128 values, and inlined with a constant length each becomes
+// a few unrolled vector instructions.
+#if defined(__GNUC__) || defined(__clang__)
+#define SUS_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define SUS_ALWAYS_INLINE inline
+#endif
+
+// Calls f(std::integral_constant<index_t, D>{}) with D = n for the common head dims 64 and
+// 128, else with D = 0 (meaning: the length is only known at run time). Kernels take the
+// length as `D ? D : n`, so the compiler unrolls dot and axpy for the common cases; the
+// operations, and so the bits, are the same either way.
+template <class F>
+SUS_ALWAYS_INLINE void with_fixed_dim(index_t n, F&& f) {
+  if (n == 64) f(std::integral_constant<index_t, 64>{});
+  else if (n == 128) f(std::integral_constant<index_t, 128>{});
+  else f(std::integral_constant<index_t, 0>{});
+}
+
 // Dot product with a fixed summation order: 64 bytes of lanes, then a fixed pairwise tree.
 // Unlike Eigen's dot, the order does not depend on the pointers' alignment, so every kernel
 // that uses it gives the same bits for the same row, whatever the layout or thread split.
 template <class T>
-T dot(const T* a, const T* b, index_t n) {
+SUS_ALWAYS_INLINE T dot(const T* a, const T* b, index_t n) {
   constexpr int L = 64 / sizeof(T);
   T acc[L] = {};
   const index_t full = n - n % L;
@@ -40,7 +60,7 @@ T dot(const T* a, const T* b, index_t n) {
 
 // y += alpha·x (each element is one multiply-add: order-free).
 template <class T>
-void axpy(T alpha, const T* x, T* y, index_t n) {
+SUS_ALWAYS_INLINE void axpy(T alpha, const T* x, T* y, index_t n) {
   for (index_t k = 0; k < n; ++k) y[k] += alpha * x[k];
 }
 }  // namespace detail

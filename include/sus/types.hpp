@@ -118,8 +118,16 @@ template <class M>
 void check_finite(const char* fn, const char* arg, const M& m) {
   // Fast path, vectorised: x·0 is 0 for finite x and NaN for ±inf or NaN, so the sum of
   // x·0 is NaN exactly when some entry is not finite. The slow scan only builds the message.
+  // Strided views (a head of a fused QKV buffer) are summed row by row: each row is
+  // contiguous and vectorises; Eigen's reduction over the whole strided view does not as well.
   using T = typename M::Scalar;
-  if (std::isnan(static_cast<double>((m.array() * T(0)).sum()))) {
+  T probe = T(0);
+  if (m.rows() <= 1 || m.outerStride() == m.cols()) {
+    probe = (m.array() * T(0)).sum();
+  } else {
+    for (index_t i = 0; i < m.rows(); ++i) probe += (m.row(i).array() * T(0)).sum();
+  }
+  if (std::isnan(static_cast<double>(probe))) {
     for (index_t i = 0; i < m.rows(); ++i)
       for (index_t j = 0; j < m.cols(); ++j)
         if (!std::isfinite(static_cast<double>(m(i, j))))
