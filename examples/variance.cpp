@@ -59,7 +59,7 @@ std::vector<Variant> parse_variants(const std::vector<std::string>& names) {
   return out;
 }
 
-using cli::seconds_since;
+using model::seconds_since;
 
 // One (variant, c) cell at one n: per-minibatch SUS error and mask statistics.
 struct Cell {

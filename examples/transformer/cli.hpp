@@ -1,5 +1,5 @@
 // cli — the small command-line parser shared by examples/train.cpp and examples/variance.cpp,
-// plus what both mains share (wall-clock seconds, nats → bits, the error-reporting main).
+// plus what both mains share (nats → bits, the error-reporting main).
 //
 //   cli::Args args(argc, argv);              // --name value, --name=value, or a bare --flag
 //   int n = args.get("n", 512);               // typed, with a default
@@ -9,7 +9,6 @@
 
 #include <sus/sus.hpp>
 
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -100,10 +99,6 @@ inline sus::Draw parse_draw(const std::string& s) {
 
 /// Natural log of 2: a loss in nats divided by this is in bits.
 constexpr double kLn2 = 0.69314718055994530942;
-
-inline double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 /// Runs a program's body; an exception becomes "PROGRAM: error: what" on stderr and exit code 1.
 template <class Body>

@@ -30,6 +30,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -144,7 +145,12 @@ struct Layout {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Seeds, threads
+// Seeds, threads, clocks
+
+/// Wall-clock seconds since t0 (steady clock).
+inline double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
 
 inline std::uint64_t splitmix64(std::uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;
@@ -295,6 +301,14 @@ class Model {
   /// Flat parameters and gradients (layout()).
   std::vector<T> params, grads;
 
+  /// Wall-clock seconds spent in the attention calls (all layers, sequences and heads, SUS
+  /// sampling in the forward included), accumulated over every forward() and backward() since
+  /// construction; callers take differences. Everything else in a step (embeddings, LayerNorm,
+  /// the QKV/output/MLP GEMMs, RoPE, the loss) is the step time minus these.
+  struct AttentionSeconds {
+    double forward = 0, backward = 0;
+  } attention_seconds;
+
   /// GPT-2 initialisation: matrices N(0, 0.02²), the residual projections (w_o, w_proj) scaled
   /// by 1/√(2L); LayerNorm gains 1; biases 0.
   void init(std::uint64_t seed) {
@@ -347,6 +361,7 @@ class Model {
       // q, k = RoPE(q), RoPE(k), position t = row mod n
       rope(A.qkv, 0, 2 * C, n, +1);
       // o = softmax(s·q·kᵀ, causal)·v per (sequence b, head h), recorded for the backward
+      const auto t_attention = std::chrono::steady_clock::now();
       parallel_for(index_t(B) * H, [&](index_t task) {
         const int b = int(task / H), h = int(task % H);
         const sus::ConstMatrixRef<T> Q(A.qkv.block(index_t(b) * n, h * hd, n, hd));
@@ -366,6 +381,7 @@ class Model {
           sus::attention_forward(Q, K, Vv, O, sus::NoRecord{}, attention_options());
         }
       }, heads_in_parallel(n));
+      attention_seconds.forward += seconds_since(t_attention);
       // m = x_l + o·W_o + b_o
       A.mid = a_.x[l];
       gemm_rows(A.mid, A.att, P(w.w_o), true);
@@ -438,6 +454,7 @@ class Model {
     const index_t BT = index_t(B) * n, C = cfg_.d_model(), H = cfg_.n_head, hd = cfg_.head_dim;
     std::fill(grads.begin(), grads.end(), T(0));
     Scratch& s = s_;
+    if (keep_attention_grads) saved_datt_.resize(static_cast<std::size_t>(cfg_.n_layer));
 
     // Reverse order; each step quotes the forward line it differentiates.
     // 4. loss = mean −log softmax(logits)[target]  ->  dlogits = (probs − onehot(target)) / (B·n)
@@ -472,8 +489,10 @@ class Model {
       gemm_tn(G(w.w_o), A.att, s.dx);
       G(w.b_o).row(0) += s.dx.colwise().sum();
       gemm_rows(s.datt, s.dx, P(w.w_o).transpose(), false);
+      if (keep_attention_grads) saved_datt_[static_cast<std::size_t>(l)] = s.datt;
       // o = attention(q, k, v) per (sequence, head)  ->  dq, dk, dv (dense or SUS). dq, dk, dv are
       // separate buffers: the library rejects outputs whose address ranges interleave.
+      const auto t_attention = std::chrono::steady_clock::now();
       parallel_for(index_t(B) * H, [&](index_t task) {
         const int b = int(task / H), h = int(task % H);
         const index_t r0 = index_t(b) * n;
@@ -492,6 +511,7 @@ class Model {
         else
           sus::attention_backward_sparse(Q, K, Vv, O, dO, masks_[idx], dQ, dK, dV, attention_options());
       }, heads_in_parallel(n));
+      attention_seconds.backward += seconds_since(t_attention);
       // q, k = RoPE(q), RoPE(k)  ->  dq, dk = RoPE⁻¹(dq), RoPE⁻¹(dk) (the rotation's transpose)
       rope(s.dq, 0, C, n, -1);
       rope(s.dk, 0, C, n, -1);
@@ -518,6 +538,23 @@ class Model {
   int seq_len() const { return n_; }
   /// W of one head (Record::dense_weights): n x n, causal.
   const Mat<T>& weights(int layer, int sequence, int head) const { return dense_[head_index(layer, sequence, head)].W; }
+  /// Set before backward() to keep every layer's dL/d(attention output) for attention_head().
+  bool keep_attention_grads = false;
+  /// One head's attention operands from the last forward (Q and K after RoPE) and, when the
+  /// backward ran with keep_attention_grads, its dO: copies, n x head_dim each.
+  struct AttentionHead {
+    Mat<T> Q, K, V, O, dO;
+  };
+  AttentionHead attention_head(int layer, int sequence, int head) const {
+    if (!forwarded_) throw std::logic_error("model::Model::attention_head needs a forward");
+    const LayerActs& A = a_.layer[static_cast<std::size_t>(layer)];
+    const index_t r0 = index_t(sequence) * n_, C = cfg_.d_model(), hd = cfg_.head_dim, c0 = index_t(head) * hd;
+    AttentionHead h{A.qkv.block(r0, c0, n_, hd), A.qkv.block(r0, C + c0, n_, hd), A.qkv.block(r0, 2 * C + c0, n_, hd),
+                    A.att.block(r0, c0, n_, hd), Mat<T>()};
+    if (static_cast<std::size_t>(layer) < saved_datt_.size() && saved_datt_[static_cast<std::size_t>(layer)].rows() > 0)
+      h.dO = saved_datt_[static_cast<std::size_t>(layer)].block(r0, c0, n_, hd);
+    return h;
+  }
   /// The SUS mask of one head (after Record::sus_mask or sample_masks). Writable: a test can
   /// perturb it to check that a biased backward is detected.
   sus::Csr<T>& mask(int layer, int sequence, int head) { return masks_[head_index(layer, sequence, head)]; }
@@ -691,6 +728,7 @@ class Model {
   int B_ = 0, n_ = 0;
   Acts a_;
   Scratch s_;
+  std::vector<Mat<T>> saved_datt_;  // keep_attention_grads: dO of every layer
   Mat<T> rope_cos_, rope_sin_;
   std::vector<int> inputs_, targets_;
   std::vector<sus::DenseWeights<T>> dense_;
