@@ -13,6 +13,9 @@
 //   backward_sus/n:N/d:D/c:C      attention_backward_sparse on a SusMask. 8·nnz·d flops
 //                                 (SDDMM, SpMM, two transposed SpMMs: 2·d each per kept entry).
 //   sample/n:N/c:C                sample_mask on a recorded W (n x n), paper/independent.
+//   backward_lowrank/n:N/d:D/g:G  sus::lowrank::attention_backward of degree G (sus/lowrank.hpp)
+//                                 from the forward's lse. 8·n·r·d·d flops, r = C(d + G, G)
+//                                 (its four state products); linear in n at fixed d and G.
 // Single head, non-causal, d_v = d, float, Q, K ~ N(0, 1.5²) (mildly peaked attention).
 //
 // Multi-head shape (B = 1, H heads, through multihead_attention_forward / _backward, [B, S, H, D]
@@ -25,6 +28,7 @@
 // heads, so h:1 backward runs on one thread whatever T.
 // Counters: GFLOP/s (flop model above), nnz (kept entries), kept_per_row.
 #include <benchmark/benchmark.h>
+#include <sus/lowrank.hpp>
 #include <sus/sus.hpp>
 
 #include <algorithm>
@@ -149,6 +153,23 @@ void backward_sus(benchmark::State& state) {
   set_mask_counters(state, mask.mask);
 }
 
+void backward_lowrank(benchmark::State& state) {
+  const index_t n = state.range(0), d = state.range(1);
+  sus::lowrank::Options lo;
+  lo.degree = static_cast<int>(state.range(2));
+  const Inputs& in = inputs(n, d);
+  sus::LogSumExp<float> lse;
+  Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
+  sus::attention_forward(in.Q, in.K, in.V, O, lse);
+  for (auto _ : state) {
+    sus::lowrank::attention_backward<float>(in.Q, in.K, in.V, O, in.dO, lse.lse, dQ, dK, dV, {}, lo);
+    benchmark::DoNotOptimize(dV.data());
+  }
+  const double r = static_cast<double>(sus::lowrank::feature_dim(d, lo.degree));
+  set_rate(state, 8.0 * static_cast<double>(n) * r * d * d);
+  state.counters["r"] = r;
+}
+
 void sample(benchmark::State& state) {
   const index_t n = state.range(0);
   const int c = static_cast<int>(state.range(1));
@@ -222,6 +243,14 @@ BENCHMARK(forward_sus)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, kD, kC})->Un
 BENCHMARK(backward_dense)->ArgNames({"n", "d"})->ArgsProduct({kN, kD})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(backward_sus)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, kD, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(sample)->ArgNames({"n", "c"})->ArgsProduct({kN, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// The low-rank comparison estimator: linear in n; r = C(d + g, g) grows fast with d and g.
+BENCHMARK(backward_lowrank)->ArgNames({"n", "d", "g"})->ArgsProduct({kN, {16}, {1, 2}})
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(backward_lowrank)->ArgNames({"n", "d", "g"})->ArgsProduct({kN, {64}, {1}})
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(backward_lowrank)->ArgNames({"n", "d", "g"})->ArgsProduct({{1024, 2048}, {64}, {2}})
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // Multi-head shape, 1 and 2 threads. (backward_dense keeps n x n W per head: n = 2048 only.)
 const std::vector<int64_t> kMhN = {2048, 8192};

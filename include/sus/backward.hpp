@@ -62,6 +62,21 @@ struct BackwardArgs {
   MatrixRef<T>& dV;
 };
 
+// dQ, dK, dV computed into temporaries: written to the outputs, or added when accumulating.
+template <class T>
+void store_grads(const BackwardArgs<T>& a, const Matrix<T>& dQ, const Matrix<T>& dK, const Matrix<T>& dV,
+                 bool accumulate) {
+  if (accumulate) {
+    a.dQ += dQ;
+    a.dK += dK;
+    a.dV += dV;
+  } else {
+    a.dQ = dQ;
+    a.dK = dK;
+    a.dV = dV;
+  }
+}
+
 template <class T>
 void check_backward_args(const char* fn, const BackwardArgs<T>& a, const AttentionOptions& o) {
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();

@@ -94,15 +94,7 @@ void backward_loops(const char* fn, const sus::detail::BackwardArgs<T>& a, const
       for (index_t k = 0; k < d_v; ++k) dV(j, k) += wt * a.dO(i, k);
     });
   }
-  if (o.accumulate) {
-    a.dQ += dQ;
-    a.dK += dK;
-    a.dV += dV;
-  } else {
-    a.dQ = dQ;
-    a.dK = dK;
-    a.dV = dV;
-  }
+  sus::detail::store_grads<T>(a, dQ, dK, dV, o.accumulate);
 }
 
 }  // namespace detail_ref
