@@ -106,7 +106,7 @@ TEST_CASE("lowrank backward equals its explicit n x n reference within 1e-5 (flo
     }
 }
 
-TEST_CASE("lowrank forward equals its explicit reference; large g approaches the exact forward", "[lowrank]") {
+TEST_CASE("lowrank forward equals its explicit reference, and large g approaches the exact forward", "[lowrank]") {
   for (bool causal : {false, true}) {
     INFO("causal=" << causal);
     Problem<double> p(33, 33, 4, 3, causal, 77, 1.0);

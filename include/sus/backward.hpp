@@ -163,17 +163,6 @@ Vector<T> row_dot(const ConstMatrixRef<T>& dO, const ConstMatrixRef<T>& O) {
   return D;
 }
 
-// The fused SUS backward: one pass over the mask rows. For row i and each kept (i, j):
-//   dP_ij = dO_i · V_j                      (SDDMM)
-//   dS_ij = W̃_ij (dP_ij − D_i)
-//   acc_i += dS_ij K_j                      (SpMM, dQ_i = s·acc_i)
-//   gK_j  += dS_ij Q_i,  gV_j += W̃_ij dO_i  (transposed SpMMs, dK = s·gK, dV = gV)
-// Rows are visited in ascending order, so each gK_j / gV_j receives its terms in ascending i:
-// the same order, and the same operations, as the gather through the transposed mask
-// (sparse::spmm_transposed). The result is deterministic and bitwise equal to the composition
-// of the sparse primitives (tested).
-// acc_q / acc_kv: add into dQ / into dK and dV, instead of overwriting (grouped-query heads
-// add their dK, dV into one shared key/value head).
 // Rows of a view are `outerStride` apart; a view whose rows are not back to back (a head of a
 // fused [n, 3·H·d] QKV buffer, say) is gathered at random by the sparse kernels, and each
 // gathered row then costs its own TLB entry and cache lines of a wide span.
@@ -192,6 +181,17 @@ T* thread_workspace(index_t count) {
   return buffer.data();
 }
 
+// The fused SUS backward: one pass over the mask rows. For row i and each kept (i, j):
+//   dP_ij = dO_i · V_j                      (SDDMM)
+//   dS_ij = W̃_ij (dP_ij − D_i)
+//   acc_i += dS_ij K_j                      (SpMM, dQ_i = s·acc_i)
+//   gK_j  += dS_ij Q_i,  gV_j += W̃_ij dO_i  (transposed SpMMs, dK = s·gK, dV = gV)
+// Rows are visited in ascending order, so each gK_j / gV_j receives its terms in ascending i:
+// the same order, and the same operations, as the gather through the transposed mask
+// (sparse::spmm_transposed). The result is deterministic and bitwise equal to the composition
+// of the sparse primitives (tested).
+// acc_q / acc_kv: add into dQ / into dK and dV, instead of overwriting (grouped-query heads
+// add their dK, dV into one shared key/value head).
 template <class T>
 void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv) {
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
