@@ -155,9 +155,7 @@ void check_dense_weights(const char* fn, const BackwardArgs<T>& a, const ConstMa
 template <class T>
 Vector<T> row_dot(const ConstMatrixRef<T>& dO, const ConstMatrixRef<T>& O) {
   Vector<T> D(dO.rows());
-  with_fixed_dim(dO.cols(), [&](auto fixed) {
-    constexpr index_t F = decltype(fixed)::value;
-    const index_t len = F ? F : dO.cols();
+  with_head_dims(dO.cols(), dO.cols(), [&](auto len, auto) {
     for (index_t i = 0; i < dO.rows(); ++i) D[i] = dot(dO.row(i).data(), O.row(i).data(), len);
   });
   return D;
@@ -241,10 +239,8 @@ void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, b
   Eigen::Matrix<T, 1, Eigen::Dynamic> acc(d);
   constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
   const index_t nnz = mask.nnz();
-  // d = d_v = 64 or 128: compile-time lengths (with_fixed_dim); otherwise run-time ones.
-  with_fixed_dim(d == d_v ? d : 0, [&](auto fixed) {
-    constexpr index_t F = decltype(fixed)::value;
-    const index_t dk = F ? F : d, dv = F ? F : d_v;
+  // d = d_v = 64 or 128: compile-time lengths (with_head_dims); otherwise run-time ones.
+  with_head_dims(d, d_v, [&](auto dk, auto dv) {
     for (index_t i = 0; i < n_q; ++i) {
       const T* q_i = a.Q.row(i).data();
       const T* do_i = a.dO.row(i).data();
@@ -326,9 +322,7 @@ void sparse_backward_rows(const BackwardArgs<T>& a, const Csr<T>& mask, Transpos
   Eigen::Matrix<T, 1, Eigen::Dynamic> acc(d);
   constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
   const index_t end = mask.row_offsets[i1];
-  with_fixed_dim(d == d_v ? d : 0, [&](auto fixed) {
-    constexpr index_t F = decltype(fixed)::value;
-    const index_t dk = F ? F : d, dv = F ? F : d_v;
+  with_head_dims(d, d_v, [&](auto dk, auto dv) {
     for (index_t i = i0; i < i1; ++i) {
       const T* do_i = a.dO.row(i).data();
       const T D = dot(do_i, a.O.row(i).data(), dv);
@@ -358,9 +352,7 @@ void sparse_backward_keys(const BackwardArgs<T>& a, const TransposedMask<T>& t, 
   Eigen::Matrix<T, 1, Eigen::Dynamic> gK(d), gV(d_v);
   constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
   const index_t end = t.offsets[j1];
-  with_fixed_dim(d == d_v ? d : 0, [&](auto fixed) {
-    constexpr index_t F = decltype(fixed)::value;
-    const index_t dk = F ? F : d, dv = F ? F : d_v;
+  with_head_dims(d, d_v, [&](auto dk, auto dv) {
     for (index_t j = j0; j < j1; ++j) {
       gK.setZero();
       gV.setZero();

@@ -31,6 +31,7 @@
 
 #include "backward.hpp"
 #include "error.hpp"
+#include "forward.hpp"
 #include "reference.hpp"
 #include "types.hpp"
 
@@ -350,20 +351,8 @@ void attention_forward(const sus::detail::nodeduce_t<ConstMatrixRef<T>>& Q,
                        const sus::detail::nodeduce_t<ConstMatrixRef<T>>& V, sus::detail::nodeduce_t<MatrixRef<T>> O,
                        const AttentionOptions& options = {}, const Options& lowrank = {}) {
   constexpr const char* fn = "lowrank::attention_forward";
-  const index_t n_q = Q.rows(), d = Q.cols(), n_k = K.rows(), d_v = V.cols();
-  if (d < 1) fail(fn, "argument 'Q' has shape ", shape(n_q, d), ": head dim d must be >= 1");
-  if (d_v < 1) fail(fn, "argument 'V' has shape ", shape(V.rows(), d_v), ": value dim d_v must be >= 1");
-  sus::detail::check_shape(fn, "K", K, n_k, d, "n_k x d, d = Q.cols()");
-  sus::detail::check_shape(fn, "V", V, n_k, d_v, "n_k x d_v, n_k = K.rows()");
-  sus::detail::check_shape(fn, "O", O, n_q, d_v, "n_q x d_v");
-  sus::detail::check_finite(fn, "Q", Q);
-  sus::detail::check_finite(fn, "K", K);
-  sus::detail::check_finite(fn, "V", V);
-  sus::detail::check_no_overlap(fn, "O", O, "Q", Q);
-  sus::detail::check_no_overlap(fn, "O", O, "K", K);
-  sus::detail::check_no_overlap(fn, "O", O, "V", V);
-  sus::detail::resolve_scale(fn, options, d);
-  detail::check_lowrank<T>(fn, Q, K, d_v, nullptr, options, lowrank);
+  sus::detail::check_forward_args<T>(fn, Q, K, V, O, options);
+  detail::check_lowrank<T>(fn, Q, K, V.cols(), nullptr, options, lowrank);
   detail::lowrank_forward<T>(Q, K, V, O, options, lowrank);
 }
 

@@ -30,15 +30,17 @@ using nodeduce_t = typename type_identity<T>::type;
 #define SUS_ALWAYS_INLINE inline
 #endif
 
-// Calls f(std::integral_constant<index_t, D>{}) with D = n for the common head dims 64 and
-// 128, else with D = 0 (meaning: the length is only known at run time). Kernels take the
-// length as `D ? D : n`, so the compiler unrolls dot and axpy for the common cases; the
-// operations, and so the bits, are the same either way.
+// Calls f(dk, dv) with the row lengths of a kernel: std::integral_constant<index_t, D> for
+// both when d = d_v is one of the common head dims 64 and 128, else the run-time d and d_v.
+// Kernels pass them straight to dot and axpy, so the compiler unrolls those loops for the
+// common cases; the operations, and so the bits, are the same either way.
 template <class F>
-SUS_ALWAYS_INLINE void with_fixed_dim(index_t n, F&& f) {
-  if (n == 64) f(std::integral_constant<index_t, 64>{});
-  else if (n == 128) f(std::integral_constant<index_t, 128>{});
-  else f(std::integral_constant<index_t, 0>{});
+SUS_ALWAYS_INLINE void with_head_dims(index_t d, index_t d_v, F&& f) {
+  using D64 = std::integral_constant<index_t, 64>;
+  using D128 = std::integral_constant<index_t, 128>;
+  if (d == d_v && d == 64) f(D64{}, D64{});
+  else if (d == d_v && d == 128) f(D128{}, D128{});
+  else f(d, d_v);
 }
 
 // Dot product with a fixed summation order: 64 bytes of lanes, then a fixed pairwise tree.
