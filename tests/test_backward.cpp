@@ -154,21 +154,28 @@ TEST_CASE("determinism: same seed gives bitwise identical masks and gradients, o
 TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed SpMM", "[backward][sparse]") {
   // The fused kernel scatters into dK, dV in ascending row order; the composition gathers
   // through the transposed mask in the same order. Same operations, same order: same bits.
-  // d = d_v = 64 takes the kernel's compile-time-length path; (24, 20) the run-time one.
-  for (auto dims : {std::make_pair(index_t(24), index_t(20)), std::make_pair(index_t(64), index_t(64))})
+  // d = d_v = 64 takes the kernel's compile-time-length path; (24, 20) the run-time one. With
+  // n_k = 1100 keys, d = 64 (K, V, dK, dV: 1.1 MB) the kernel packs contiguous K, V and gathers
+  // dK, dV in its workspace (SparseBackwardConfig::pack_bytes); below that it works in place.
+  struct Shape {
+    index_t n_q, n_k, d, d_v;
+  };
+  static_assert(1100 * (64 + 64) * 2 * sizeof(float) >= sus::detail::SparseBackwardConfig::pack_bytes,
+                "the large shape must take the packed path");
+  for (const Shape sh : {Shape{150, 170, 24, 20}, Shape{150, 170, 64, 64}, Shape{40, 1100, 64, 64}})
   for (bool accumulate : {false, true}) {
-    const index_t d = dims.first, d_v = dims.second;
-    INFO("accumulate=" << accumulate << " d=" << d << " d_v=" << d_v);
-    const Problem<float> p(150, 170, d, d_v, false, 61, 2.0);
+    const index_t n_q = sh.n_q, n_k = sh.n_k, d = sh.d, d_v = sh.d_v;
+    INFO("accumulate=" << accumulate << " n_q=" << n_q << " n_k=" << n_k << " d=" << d << " d_v=" << d_v);
+    const Problem<float> p(n_q, n_k, d, d_v, false, 61, 2.0);
     const auto mask = sus::sample_mask(p.W, {5, sus::Budget::waterfill, sus::Draw::independent, 8});
     const float s = static_cast<float>(1.0 / std::sqrt(double(d)));  // as the library rounds it
     sus::AttentionOptions o = p.options;
     o.accumulate = accumulate;
     Grads<float> fused(p), composed(p);
     for (Grads<float>* g : {&fused, &composed}) {  // same starting values for accumulate
-      g->dQ = random_matrix<float>(150, d, 1);
-      g->dK = random_matrix<float>(170, d, 2);
-      g->dV = random_matrix<float>(170, d_v, 3);
+      g->dQ = random_matrix<float>(n_q, d, 1);
+      g->dK = random_matrix<float>(n_k, d, 2);
+      g->dV = random_matrix<float>(n_k, d_v, 3);
     }
     sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, fused.dQ, fused.dK, fused.dV, o);
 
@@ -187,6 +194,22 @@ TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed
     CHECK(fused.dV == composed.dV);
     CAPTURE((fused.dK - composed.dK).cwiseAbs().maxCoeff());
   }
+}
+
+TEST_CASE("the kernels' dot product has the bits of its portable definition, any length", "[backward][sparse]") {
+  // dot (compiler vector lanes, register reduction) against dot_portable (the order written as
+  // scalar loops): the same sums in the same order, so equal bits, float and double, every
+  // length up to 3 full lane blocks plus a tail, from unaligned starts.
+  const M<float> af = random_matrix<float>(1, 300, 1), bf = random_matrix<float>(1, 300, 2);
+  const M<double> ad = random_matrix<double>(1, 300, 3), bd = random_matrix<double>(1, 300, 4);
+  for (index_t off : {index_t(0), index_t(1), index_t(3)})
+    for (index_t n = 0; n <= 200; ++n) {
+      INFO("n=" << n << " offset=" << off);
+      CHECK(sus::detail::dot(af.data() + off, bf.data() + off, n) ==
+            sus::detail::dot_portable(af.data() + off, bf.data() + off, n));
+      CHECK(sus::detail::dot(ad.data() + off, bd.data() + off, n) ==
+            sus::detail::dot_portable(ad.data() + off, bd.data() + off, n));
+    }
 }
 
 TEST_CASE("sparse backward on strided views (heads of fused QKV and gradient buffers) is bitwise equal to contiguous",

@@ -9,8 +9,14 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
+#include <new>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "csr.hpp"
 #include "error.hpp"
@@ -29,6 +35,14 @@ struct SparseBackwardConfig {
   // Rows (queries, or keys) per task of the two-pass threaded backward.
   static constexpr index_t task_rows = 256;
   static_assert(task_rows > 0, "SparseBackwardConfig::task_rows must be positive");
+  // Rows gathered at random (K, V, gK, gV: n_k·(d + d_v)·2 values) of this many bytes or more
+  // are worth copying into the per-thread workspace (thread_workspace), which sits on huge
+  // pages where the OS grants them: K, V are packed and gK, gV accumulated there even when the
+  // caller's buffers are contiguous. Below it, the rows stay within reach of the TLB as they are.
+  static constexpr index_t pack_bytes = index_t(1) << 20;
+  // Kept entries of a row whose dS are computed before their axpys (fused kernel).
+  static constexpr index_t chunk = 64;
+  static_assert(chunk > 0, "SparseBackwardConfig::chunk must be positive");
 };
 
 // Hint the cache to load [p, p + bytes). A no-op where the compiler has no prefetch builtin.
@@ -171,12 +185,52 @@ bool rows_contiguous(const M& m) {
 
 // A per-thread scratch buffer of at least `count` values, reused by every call on the thread
 // (it grows to the largest request and is freed when the thread exits). Only leaf kernels,
-// which call nothing else that uses it, may hold it.
+// which call nothing else that uses it, may hold it. On Linux it is 2 MiB-aligned and advised
+// as transparent huge pages (madvise; a no-op where THP is off): the sparse kernels gather
+// rows of it at random, and with 4 KiB pages every gathered row of a large head is a TLB miss.
+class ThreadWorkspace {
+ public:
+  ThreadWorkspace() = default;
+  ThreadWorkspace(const ThreadWorkspace&) = delete;
+  ThreadWorkspace& operator=(const ThreadWorkspace&) = delete;
+  ~ThreadWorkspace() { release(); }
+  void* get(std::size_t bytes) {
+    if (bytes <= capacity_) return data_;
+    release();
+#if defined(__linux__)
+    constexpr std::size_t huge_page = std::size_t(2) << 20;
+    const std::size_t size = (bytes + huge_page - 1) / huge_page * huge_page;
+    data_ = std::aligned_alloc(huge_page, size);
+    if (data_ == nullptr) throw std::bad_alloc();
+#if defined(MADV_HUGEPAGE)
+    madvise(data_, size, MADV_HUGEPAGE);  // advice only: where it fails, the pages stay 4 KiB
+#endif
+#else
+    const std::size_t size = bytes;
+    data_ = ::operator new(size);
+#endif
+    capacity_ = size;
+    return data_;
+  }
+
+ private:
+  void release() {
+#if defined(__linux__)
+    std::free(data_);
+#else
+    ::operator delete(data_);
+#endif
+    data_ = nullptr;
+    capacity_ = 0;
+  }
+  void* data_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+
 template <class T>
 T* thread_workspace(index_t count) {
-  thread_local std::vector<T> buffer;
-  if (static_cast<index_t>(buffer.size()) < count) buffer.resize(static_cast<std::size_t>(count));
-  return buffer.data();
+  thread_local ThreadWorkspace buffer;
+  return static_cast<T*>(buffer.get(static_cast<std::size_t>(count) * sizeof(T)));
 }
 
 // The fused SUS backward: one pass over the mask rows. For row i and each kept (i, j):
@@ -195,15 +249,18 @@ void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, b
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
   // D_i = dO_i · O_i
   const Vector<T> D = row_dot<T>(a.dO, a.O);
-  // K, V are gathered at random: strided views are packed first (O(n_k·d), against the
-  // O(nnz·d) gathers). Packing moves data only; the arithmetic, and so the bits, are unchanged.
-  // gK, gV: the unscaled transposed sums, scattered at random like K, V are gathered. Written
-  // straight into dK, dV when those are contiguous and overwritten; otherwise into contiguous
-  // temporaries, copied (or added) at the end. Packed copies and temporaries live in a
-  // per-thread workspace reused across calls (fresh allocations of this size would be
-  // returned to the OS and page-faulted back in on every call).
-  const bool pack_k = !rows_contiguous(a.K), pack_v = !rows_contiguous(a.V);
-  const bool direct_k = !acc_kv && rows_contiguous(a.dK), direct_v = !acc_kv && rows_contiguous(a.dV);
+  // K, V are gathered at random: strided views, and every large head (pack_bytes), are packed
+  // first (O(n_k·d), against the O(nnz·d) gathers). Packing moves data only; the arithmetic,
+  // and so the bits, are unchanged. gK, gV: the unscaled transposed sums, scattered at random
+  // like K, V are gathered. Written straight into dK, dV when those are contiguous, overwritten
+  // and small; otherwise into contiguous temporaries, copied (or added) at the end. Packed
+  // copies and temporaries live in the per-thread workspace, reused across calls (fresh
+  // allocations of this size would be returned to the OS and page-faulted back in on every
+  // call) and on huge pages where the OS grants them.
+  const bool big = n_k * (d + d_v) * 2 * index_t(sizeof(T)) >= SparseBackwardConfig::pack_bytes;
+  const bool pack_k = big || !rows_contiguous(a.K), pack_v = big || !rows_contiguous(a.V);
+  const bool direct_k = !big && !acc_kv && rows_contiguous(a.dK);
+  const bool direct_v = !big && !acc_kv && rows_contiguous(a.dV);
   T* ws = thread_workspace<T>((pack_k ? n_k * d : 0) + (pack_v ? n_k * d_v : 0) + (direct_k ? 0 : n_k * d) +
                               (direct_v ? 0 : n_k * d_v));
   using RowMajorMap = Eigen::Map<Matrix<T>>;
@@ -240,26 +297,39 @@ void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, b
   constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
   const index_t nnz = mask.nnz();
   // d = d_v = 64 or 128: compile-time lengths (with_head_dims); otherwise run-time ones.
+  // Each row is done in chunks of up to `chunk` kept entries, in two phases: first every dS_ij
+  // of the chunk (independent dot products, so their latencies overlap), then the three
+  // axpys of each entry. Every sum still receives its terms in the same order, so the bits
+  // are those of the one-entry-at-a-time loop.
+  constexpr index_t chunk = SparseBackwardConfig::chunk;
+  T dS[chunk];
   with_head_dims(d, d_v, [&](auto dk, auto dv) {
     for (index_t i = 0; i < n_q; ++i) {
       const T* q_i = a.Q.row(i).data();
       const T* do_i = a.dO.row(i).data();
       T* acc_i = acc.data();
       std::fill(acc_i, acc_i + dk, T(0));
-      for (index_t p = mask.row_offsets[i]; p < mask.row_offsets[i + 1]; ++p) {
-        if (ahead > 0 && p + ahead < nnz) {
-          const index_t jn = mask.col_indices[p + ahead];
-          prefetch(V_row(jn), dv * index_t(sizeof(T)), false);
-          prefetch(K_row(jn), dk * index_t(sizeof(T)), false);
-          prefetch(gK_row(jn), dk * index_t(sizeof(T)), true);
-          prefetch(gV_row(jn), dv * index_t(sizeof(T)), true);
+      const index_t row_end = mask.row_offsets[i + 1];
+      for (index_t p0 = mask.row_offsets[i]; p0 < row_end; p0 += chunk) {
+        const index_t p1 = std::min(p0 + chunk, row_end);
+        for (index_t p = p0; p < p1; ++p) {
+          if (ahead > 0 && p + ahead < nnz) prefetch(V_row(mask.col_indices[p + ahead]), dv * index_t(sizeof(T)), false);
+          const index_t j = mask.col_indices[p];
+          dS[p - p0] = mask.values[p] * (dot(do_i, V_row(j), dv) - D[i]);
         }
-        const index_t j = mask.col_indices[p];
-        const T w = mask.values[p];
-        const T dS = w * (dot(do_i, V_row(j), dv) - D[i]);
-        axpy(dS, K_row(j), acc_i, dk);
-        axpy(dS, q_i, gK_row(j), dk);
-        axpy(w, do_i, gV_row(j), dv);
+        for (index_t p = p0; p < p1; ++p) {
+          if (ahead > 0 && p + ahead < p1) {
+            const index_t jn = mask.col_indices[p + ahead];
+            prefetch(K_row(jn), dk * index_t(sizeof(T)), false);
+            prefetch(gK_row(jn), dk * index_t(sizeof(T)), true);
+            prefetch(gV_row(jn), dv * index_t(sizeof(T)), true);
+          }
+          const index_t j = mask.col_indices[p];
+          const T ds = dS[p - p0];
+          axpy(ds, K_row(j), acc_i, dk);
+          axpy(ds, q_i, gK_row(j), dk);
+          axpy(mask.values[p], do_i, gV_row(j), dv);
+        }
       }
       if (acc_q) a.dQ.row(i).noalias() += s * acc;
       else a.dQ.row(i).noalias() = s * acc;
