@@ -155,18 +155,24 @@ TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed
   // The fused kernel scatters into dK, dV in ascending row order; the composition gathers
   // through the transposed mask in the same order. Same operations, same order: same bits.
   // d = d_v = 64 takes the kernel's compile-time-length path; (24, 20) the run-time one. With
-  // n_k = 1100 keys, d = 64 (K, V, dK, dV: 1.1 MB) the kernel packs contiguous K, V and gathers
-  // dK, dV in its workspace (SparseBackwardConfig::pack_bytes); below that it works in place.
-  struct Shape {
-    index_t n_q, n_k, d, d_v;
-  };
-  static_assert(1100 * (64 + 64) * 2 * sizeof(float) >= sus::detail::SparseBackwardConfig::pack_bytes,
-                "the large shape must take the packed path");
-  for (const Shape sh : {Shape{150, 170, 24, 20}, Shape{150, 170, 64, 64}, Shape{40, 1100, 64, 64}})
+  // n_k = 1100 keys, d = 64 (K, V, dK, dV: 1.1 MB), or 3100, (24, 20), the kernel packs
+  // contiguous K, V and gathers dK, dV in its workspace (SparseBackwardConfig::pack_bytes);
+  // below that it works in place.
+  using Config = sus::detail::SparseBackwardConfig;
+  static_assert(1100 * (64 + 64) * 2 * sizeof(float) >= Config::pack_bytes, "1100 x 64 must be packed");
+  static_assert(3100 * (24 + 20) * 2 * sizeof(float) >= Config::pack_bytes, "3100 x (24, 20) must be packed");
+  static_assert(170 * (64 + 64) * 2 * sizeof(float) < Config::pack_bytes, "170 x 64 must work in place");
+  const Shape shapes[] = {{150, 170, 24, 20, false, "run-time dims, in place"},
+                          {150, 170, 64, 64, false, "compile-time dims, in place"},
+                          {40, 1100, 64, 64, false, "packed"},
+                          {1100, 1100, 64, 64, true, "packed, causal"},
+                          {30, 3100, 24, 20, false, "run-time dims, packed"}};
+  for (const Shape& sh : shapes)
   for (bool accumulate : {false, true}) {
     const index_t n_q = sh.n_q, n_k = sh.n_k, d = sh.d, d_v = sh.d_v;
-    INFO("accumulate=" << accumulate << " n_q=" << n_q << " n_k=" << n_k << " d=" << d << " d_v=" << d_v);
-    const Problem<float> p(n_q, n_k, d, d_v, false, 61, 2.0);
+    INFO(sh.targets << ": accumulate=" << accumulate << " n_q=" << n_q << " n_k=" << n_k << " d=" << d
+                    << " d_v=" << d_v << " causal=" << sh.causal);
+    const Problem<float> p(n_q, n_k, d, d_v, sh.causal, 61, 2.0);
     const auto mask = sus::sample_mask(p.W, {5, sus::Budget::waterfill, sus::Draw::independent, 8});
     const float s = static_cast<float>(1.0 / std::sqrt(double(d)));  // as the library rounds it
     sus::AttentionOptions o = p.options;

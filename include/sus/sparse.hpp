@@ -63,7 +63,6 @@ SUS_ALWAYS_INLINE T dot_portable(const T* a, const T* b, index_t n) {
 }
 
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-#define SUS_VECTOR_DOT 1
 // The lanes as a compiler vector (GCC/Clang vector extensions: no intrinsics, any target; the
 // compiler uses the widest registers the target has). Each halving step of the tree is one
 // vector add of the two halves (__builtin_shufflevector), so the accumulator never goes through
@@ -78,7 +77,9 @@ struct Lanes<float> {
   typedef float v4 __attribute__((vector_size(16)));
   typedef float v2 __attribute__((vector_size(8)));
   using full = v16;
-  static SUS_ALWAYS_INLINE float sum(v16 x) {
+  // x by reference: a 64-byte vector passed by value draws GCC's -Wpsabi ABI note on targets
+  // without AVX-512.
+  static SUS_ALWAYS_INLINE float sum(const v16& x) {
     const v8 s8 = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
                   __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
     const v4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
@@ -92,7 +93,7 @@ struct Lanes<double> {
   typedef double v4 __attribute__((vector_size(32)));
   typedef double v2 __attribute__((vector_size(16)));
   using full = v8;
-  static SUS_ALWAYS_INLINE double sum(v8 x) {
+  static SUS_ALWAYS_INLINE double sum(const v8& x) {
     const v4 s4 = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
     const v2 s2 = __builtin_shufflevector(s4, s4, 0, 1) + __builtin_shufflevector(s4, s4, 2, 3);
     return s2[0] + s2[1];
