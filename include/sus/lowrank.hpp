@@ -169,6 +169,14 @@ index_t check_lowrank(const char* fn, const ConstMatrixRef<T>& Q, const ConstMat
   return r;
 }
 
+// Every argument of a low-rank backward (the fast one and its reference check the same).
+template <class T>
+void check_lowrank_backward(const char* fn, const BackwardArgs<T>& a, const Eigen::Ref<const Vector<T>>& lse,
+                            const AttentionOptions& o, const Options& lo) {
+  sus::detail::check_backward_args(fn, a, o);
+  check_lowrank<T>(fn, a.Q, a.K, a.V.cols(), &lse, o, lo);
+}
+
 template <class T>
 void lowrank_backward(const BackwardArgs<T>& a, const Eigen::Ref<const Vector<T>>& lse, const AttentionOptions& o,
                       const Options& lo) {
@@ -337,8 +345,7 @@ void attention_backward(const sus::detail::nodeduce_t<ConstMatrixRef<T>>& Q,
                         const AttentionOptions& options = {}, const Options& lowrank = {}) {
   constexpr const char* fn = "lowrank::attention_backward";
   const sus::detail::BackwardArgs<T> a{Q, K, V, O, dO, dQ, dK, dV};
-  sus::detail::check_backward_args(fn, a, options);
-  detail::check_lowrank<T>(fn, Q, K, V.cols(), &lse, options, lowrank);
+  detail::check_lowrank_backward<T>(fn, a, lse, options, lowrank);
   detail::lowrank_backward<T>(a, lse, options, lowrank);
 }
 
@@ -371,8 +378,7 @@ void attention_backward(const sus::detail::nodeduce_t<ConstMatrixRef<T>>& Q,
                         const AttentionOptions& options = {}, const Options& lowrank = {}) {
   constexpr const char* fn = "lowrank::reference::attention_backward";
   const sus::detail::BackwardArgs<T> a{Q, K, V, O, dO, dQ, dK, dV};
-  sus::detail::check_backward_args(fn, a, options);
-  detail::check_lowrank<T>(fn, Q, K, V.cols(), &lse, options, lowrank);
+  detail::check_lowrank_backward<T>(fn, a, lse, options, lowrank);
   const index_t n_q = Q.rows(), n_k = K.rows();
   const T s = static_cast<T>(sus::detail::resolve_scale(fn, options, Q.cols()));
   sus::reference::detail_ref::backward_loops<T>(fn, a, options, [&](index_t i, auto&& visit) {
