@@ -151,55 +151,65 @@ TEST_CASE("determinism: same seed gives bitwise identical masks and gradients, o
     }
 }
 
+// The fused kernel scatters into dK, dV in ascending row order; the composition gathers
+// through the transposed mask in the same order. Same operations, same order: same bits.
+namespace {
+template <class T>
+void check_fused_equals_composition(const Shape& sh, bool accumulate) {
+  const index_t n_q = sh.n_q, n_k = sh.n_k, d = sh.d, d_v = sh.d_v;
+  INFO(sh.targets << ": " << (sizeof(T) == 4 ? "float" : "double") << " accumulate=" << accumulate << " n_q=" << n_q
+                  << " n_k=" << n_k << " d=" << d << " d_v=" << d_v << " causal=" << sh.causal);
+  const Problem<T> p(n_q, n_k, d, d_v, sh.causal, 61, 2.0);
+  const auto mask = sus::sample_mask(p.W, {5, sus::Budget::waterfill, sus::Draw::independent, 8});
+  const T s = static_cast<T>(1.0 / std::sqrt(double(d)));  // as the library rounds it
+  sus::AttentionOptions o = p.options;
+  o.accumulate = accumulate;
+  Grads<T> fused(p), composed(p);
+  for (Grads<T>* g : {&fused, &composed}) {  // same starting values for accumulate
+    g->dQ = random_matrix<T>(n_q, d, 1);
+    g->dK = random_matrix<T>(n_k, d, 2);
+    g->dV = random_matrix<T>(n_k, d_v, 3);
+  }
+  sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, fused.dQ, fused.dK, fused.dV, o);
+
+  const sus::Vector<T> D = sus::detail::row_dot<T>(p.dO, p.O);
+  std::vector<T> dS(static_cast<std::size_t>(mask.nnz()));
+  sus::sparse::sddmm<T>(mask, p.dO, p.V, dS.data());  // dP on the mask
+  for (index_t i = 0; i < mask.rows; ++i)
+    for (index_t e = mask.row_offsets[i]; e < mask.row_offsets[i + 1]; ++e) dS[e] = mask.values[e] * (dS[e] - D[i]);
+  sus::sparse::spmm<T>(mask, dS.data(), p.K, composed.dQ, s, accumulate);
+  const sus::sparse::TransposedPattern t(mask);
+  sus::sparse::spmm_transposed<T>(t, dS.data(), p.Q, composed.dK, s, accumulate);
+  sus::sparse::spmm_transposed<T>(t, mask.values.data(), p.dO, composed.dV, T(1), accumulate);
+  CHECK(fused.dQ == composed.dQ);
+  CHECK(fused.dK == composed.dK);
+  CHECK(fused.dV == composed.dV);
+  CAPTURE((fused.dK - composed.dK).cwiseAbs().maxCoeff());
+}
+}  // namespace
+
 TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed SpMM", "[backward][sparse]") {
-  // The fused kernel scatters into dK, dV in ascending row order; the composition gathers
-  // through the transposed mask in the same order. Same operations, same order: same bits.
-  // d = d_v = 64 takes the kernel's compile-time-length path; (24, 20) the run-time one. With
-  // n_k = 1100 keys, d = 64 (K, V, dK, dV: 1.1 MB), or 3100, (24, 20), the kernel packs
+  // d = d_v = 64 or 128 take the kernel's compile-time-length path (Q_i, dO_i and the dQ_i
+  // accumulator in registers where the compiler has vector extensions); (24, 20) the run-time
+  // one. With n_k = 1100 keys, d = 64 (K, V, dK, dV: 1.1 MB), or 3100, (24, 20), the kernel packs
   // contiguous K, V and gathers dK, dV in its workspace (SparseBackwardConfig::pack_bytes);
   // below that it works in place.
   using Config = sus::detail::SparseBackwardConfig;
   static_assert(1100 * (64 + 64) * 2 * sizeof(float) >= Config::pack_bytes, "1100 x 64 must be packed");
   static_assert(3100 * (24 + 20) * 2 * sizeof(float) >= Config::pack_bytes, "3100 x (24, 20) must be packed");
   static_assert(170 * (64 + 64) * 2 * sizeof(float) < Config::pack_bytes, "170 x 64 must work in place");
+  static_assert(170 * (128 + 128) * 2 * sizeof(double) < Config::pack_bytes, "170 x 128 must work in place");
   const Shape shapes[] = {{150, 170, 24, 20, false, "run-time dims, in place"},
                           {150, 170, 64, 64, false, "compile-time dims, in place"},
+                          {90, 170, 128, 128, true, "compile-time dims 128, in place, causal"},
                           {40, 1100, 64, 64, false, "packed"},
                           {1100, 1100, 64, 64, true, "packed, causal"},
                           {30, 3100, 24, 20, false, "run-time dims, packed"}};
   for (const Shape& sh : shapes)
-  for (bool accumulate : {false, true}) {
-    const index_t n_q = sh.n_q, n_k = sh.n_k, d = sh.d, d_v = sh.d_v;
-    INFO(sh.targets << ": accumulate=" << accumulate << " n_q=" << n_q << " n_k=" << n_k << " d=" << d
-                    << " d_v=" << d_v << " causal=" << sh.causal);
-    const Problem<float> p(n_q, n_k, d, d_v, sh.causal, 61, 2.0);
-    const auto mask = sus::sample_mask(p.W, {5, sus::Budget::waterfill, sus::Draw::independent, 8});
-    const float s = static_cast<float>(1.0 / std::sqrt(double(d)));  // as the library rounds it
-    sus::AttentionOptions o = p.options;
-    o.accumulate = accumulate;
-    Grads<float> fused(p), composed(p);
-    for (Grads<float>* g : {&fused, &composed}) {  // same starting values for accumulate
-      g->dQ = random_matrix<float>(n_q, d, 1);
-      g->dK = random_matrix<float>(n_k, d, 2);
-      g->dV = random_matrix<float>(n_k, d_v, 3);
-    }
-    sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, mask, fused.dQ, fused.dK, fused.dV, o);
-
-    const sus::Vector<float> D = sus::detail::row_dot<float>(p.dO, p.O);
-    std::vector<float> dS(static_cast<std::size_t>(mask.nnz()));
-    sus::sparse::sddmm<float>(mask, p.dO, p.V, dS.data());  // dP on the mask
-    for (index_t i = 0; i < mask.rows; ++i)
-      for (index_t e = mask.row_offsets[i]; e < mask.row_offsets[i + 1]; ++e)
-        dS[e] = mask.values[e] * (dS[e] - D[i]);
-    sus::sparse::spmm<float>(mask, dS.data(), p.K, composed.dQ, s, accumulate);
-    const sus::sparse::TransposedPattern t(mask);
-    sus::sparse::spmm_transposed<float>(t, dS.data(), p.Q, composed.dK, s, accumulate);
-    sus::sparse::spmm_transposed<float>(t, mask.values.data(), p.dO, composed.dV, 1.0f, accumulate);
-    CHECK(fused.dQ == composed.dQ);
-    CHECK(fused.dK == composed.dK);
-    CHECK(fused.dV == composed.dV);
-    CAPTURE((fused.dK - composed.dK).cwiseAbs().maxCoeff());
-  }
+    for (bool accumulate : {false, true}) check_fused_equals_composition<float>(sh, accumulate);
+  // double: the register rows hold 8 lanes per vector (64: 8 vectors, 128: 16)
+  for (const Shape& sh : {shapes[1], shapes[2]})
+    for (bool accumulate : {false, true}) check_fused_equals_composition<double>(sh, accumulate);
 }
 
 TEST_CASE("the kernels' dot product has the bits of its portable definition, any length", "[backward][sparse]") {

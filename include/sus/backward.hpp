@@ -10,8 +10,10 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -233,6 +235,112 @@ T* thread_workspace(index_t count) {
   return static_cast<T*>(buffer.get(static_cast<std::size_t>(count) * sizeof(T)));
 }
 
+// One query row i of the fused SUS backward, for the row lengths dk = d, dv = d_v:
+//   dot_dO(V_j) = dO_i · V_j
+//   update(ds, w, K_j, gK_j, gV_j):  acc_i += ds K_j,  gK_j += ds Q_i,  gV_j += w dO_i
+//   finish(out): the accumulated acc_i into out (d values)
+// MemoryRow works through memory with dot and axpy, for any lengths.
+template <class T, class DK, class DV>
+struct MemoryRow {
+  const T* q;
+  const T* dO;
+  T* acc;
+  DK dk;
+  DV dv;
+  SUS_ALWAYS_INLINE MemoryRow(const T* q_i, const T* dO_i, T* acc_i, DK dk_, DV dv_)
+      : q(q_i), dO(dO_i), acc(acc_i), dk(dk_), dv(dv_) {
+    std::fill(acc, acc + dk, T(0));
+  }
+  SUS_ALWAYS_INLINE T dot_dO(const T* v) const { return dot(dO, v, dv); }
+  SUS_ALWAYS_INLINE void update(T ds, T w, const T* k, T* gk, T* gv) {
+    axpy(ds, k, acc, dk);
+    axpy(ds, q, gk, dk);
+    axpy(w, dO, gv, dv);
+  }
+  SUS_ALWAYS_INLINE void finish(T*) const {}  // acc is already the output
+};
+
+#if defined(SUS_VECTOR_EXTENSIONS)
+// A row of Dim values held in registers, as Dim / L compiler vectors of L = 64 / sizeof(T)
+// lanes. Its dot has dot's order (per-lane products summed over the vectors, then the lane
+// tree, then + 0 for the empty tail) and its axpys are axpy's element operations, so every
+// result has the bits of dot and axpy on the same values (tested).
+template <class T, index_t Dim>
+struct Registers {
+  using V = typename Lanes<T>::full;
+  static constexpr index_t L = 64 / index_t(sizeof(T));
+  static constexpr index_t B = Dim / L;
+  static_assert(Dim % L == 0, "Registers: Dim must be a multiple of the lanes");
+  V x[B];
+  SUS_ALWAYS_INLINE void load(const T* p) {
+    for (index_t b = 0; b < B; ++b) std::memcpy(&x[b], p + b * L, sizeof(V));
+  }
+  SUS_ALWAYS_INLINE void store(T* p) const {
+    for (index_t b = 0; b < B; ++b) std::memcpy(p + b * L, &x[b], sizeof(V));
+  }
+  SUS_ALWAYS_INLINE T dot(const T* p) const {
+    V s = {};
+    for (index_t b = 0; b < B; ++b) {
+      V y;
+      std::memcpy(&y, p + b * L, sizeof(V));
+      s += x[b] * y;
+    }
+    return Lanes<T>::sum(s) + T(0);
+  }
+  // p += alpha·x
+  SUS_ALWAYS_INLINE void add_to(T alpha, T* p) const {
+    for (index_t b = 0; b < B; ++b) {
+      V y;
+      std::memcpy(&y, p + b * L, sizeof(V));
+      y += alpha * x[b];
+      std::memcpy(p + b * L, &y, sizeof(V));
+    }
+  }
+  // x += alpha·p
+  SUS_ALWAYS_INLINE void add(T alpha, const T* p) {
+    for (index_t b = 0; b < B; ++b) {
+      V y;
+      std::memcpy(&y, p + b * L, sizeof(V));
+      x[b] += alpha * y;
+    }
+  }
+};
+
+// RegisterRow keeps Q_i, dO_i and acc_i in registers for a compile-time d = d_v (64 or 128):
+// each kept entry then loads only V_j and K_j and updates gK_j, gV_j, where MemoryRow also
+// reloads Q_i and dO_i and loads and stores acc_i.
+template <class T, index_t Dim>
+struct RegisterRow {
+  Registers<T, Dim> q, dO, acc;
+  template <class DK, class DV>
+  SUS_ALWAYS_INLINE RegisterRow(const T* q_i, const T* dO_i, T*, DK, DV) : acc{} {
+    q.load(q_i);
+    dO.load(dO_i);
+  }
+  SUS_ALWAYS_INLINE T dot_dO(const T* v) const { return dO.dot(v); }
+  SUS_ALWAYS_INLINE void update(T ds, T w, const T* k, T* gk, T* gv) {
+    acc.add(ds, k);
+    q.add_to(ds, gk);
+    dO.add_to(w, gv);
+  }
+  SUS_ALWAYS_INLINE void finish(T* out) const { acc.store(out); }
+};
+
+template <class T, class DK, class DV>
+struct SparseRowFor {
+  using type = MemoryRow<T, DK, DV>;
+};
+template <class T, index_t Dim>
+struct SparseRowFor<T, std::integral_constant<index_t, Dim>, std::integral_constant<index_t, Dim>> {
+  using type = RegisterRow<T, Dim>;
+};
+template <class T, class DK, class DV>
+using SparseRow = typename SparseRowFor<T, DK, DV>::type;
+#else
+template <class T, class DK, class DV>
+using SparseRow = MemoryRow<T, DK, DV>;
+#endif
+
 // The fused SUS backward: one pass over the mask rows. For row i and each kept (i, j):
 //   dP_ij = dO_i · V_j                      (SDDMM)
 //   dS_ij = W̃_ij (dP_ij − D_i)
@@ -296,7 +404,9 @@ void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, b
   Eigen::Matrix<T, 1, Eigen::Dynamic> acc(d);
   constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
   const index_t nnz = mask.nnz();
-  // d = d_v = 64 or 128: compile-time lengths (with_head_dims); otherwise run-time ones.
+  // d = d_v = 64 or 128: compile-time lengths (with_head_dims), and with vector extensions
+  // Q_i, dO_i and the dQ_i accumulator held in registers (RegisterRow); otherwise run-time
+  // lengths through memory (MemoryRow). Either way the same operations in the same order.
   // Each row is done in chunks of up to `chunk` kept entries, in two phases: first every dS_ij
   // of the chunk (independent dot products, so their latencies overlap), then the three
   // axpys of each entry. Every sum still receives its terms in the same order, so the bits
@@ -304,18 +414,15 @@ void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, b
   constexpr index_t chunk = SparseBackwardConfig::chunk;
   T dS[chunk];
   with_head_dims(d, d_v, [&](auto dk, auto dv) {
+    using Row = SparseRow<T, decltype(dk), decltype(dv)>;
     for (index_t i = 0; i < n_q; ++i) {
-      const T* q_i = a.Q.row(i).data();
-      const T* do_i = a.dO.row(i).data();
-      T* acc_i = acc.data();
-      std::fill(acc_i, acc_i + dk, T(0));
+      Row row(a.Q.row(i).data(), a.dO.row(i).data(), acc.data(), dk, dv);
       const index_t row_end = mask.row_offsets[i + 1];
       for (index_t p0 = mask.row_offsets[i]; p0 < row_end; p0 += chunk) {
         const index_t p1 = std::min(p0 + chunk, row_end);
         for (index_t p = p0; p < p1; ++p) {
           if (ahead > 0 && p + ahead < nnz) prefetch(V_row(mask.col_indices[p + ahead]), dv * index_t(sizeof(T)), false);
-          const index_t j = mask.col_indices[p];
-          dS[p - p0] = mask.values[p] * (dot(do_i, V_row(j), dv) - D[i]);
+          dS[p - p0] = mask.values[p] * (row.dot_dO(V_row(mask.col_indices[p])) - D[i]);
         }
         for (index_t p = p0; p < p1; ++p) {
           if (ahead > 0 && p + ahead < p1) {
@@ -325,12 +432,10 @@ void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, b
             prefetch(gV_row(jn), dv * index_t(sizeof(T)), true);
           }
           const index_t j = mask.col_indices[p];
-          const T ds = dS[p - p0];
-          axpy(ds, K_row(j), acc_i, dk);
-          axpy(ds, q_i, gK_row(j), dk);
-          axpy(mask.values[p], do_i, gV_row(j), dv);
+          row.update(dS[p - p0], mask.values[p], K_row(j), gK_row(j), gV_row(j));
         }
       }
+      row.finish(acc.data());
       if (acc_q) a.dQ.row(i).noalias() += s * acc;
       else a.dQ.row(i).noalias() = s * acc;
     }
