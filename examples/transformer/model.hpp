@@ -493,7 +493,9 @@ class Model {
       // o = attention(q, k, v) per (sequence, head)  ->  dq, dk, dv (dense or SUS). dq, dk, dv are
       // separate buffers: the library rejects outputs whose address ranges interleave.
       const auto t_attention = std::chrono::steady_clock::now();
-      parallel_for(index_t(B) * H, [&](index_t task) {
+      const std::vector<index_t> order = backward_order(mode, l);
+      parallel_for(index_t(B) * H, [&](index_t t) {
+        const index_t task = order[static_cast<std::size_t>(t)];
         const int b = int(task / H), h = int(task % H);
         const index_t r0 = index_t(b) * n;
         const sus::ConstMatrixRef<T> Q(A.qkv.block(r0, h * hd, n, hd));
@@ -584,6 +586,22 @@ class Model {
   MapMat<T> P(int id) { return view(params, id); }
   // Heads of n ≥ 128 tokens (≥ ~4 Mflop each) are worth a thread each; smaller ones run serially.
   static bool heads_in_parallel(int n) { return n >= 128; }
+  /// The order in which layer l's (sequence, head) tasks are handed to the threads in the
+  /// backward (task = b·H + h). A dense head costs the same as any other; a SUS head costs in
+  /// proportion to its mask's nnz, which varies between heads (from about c·n/4 to c·n in a
+  /// trained model), so the SUS heads go largest first: with dynamic scheduling that is the
+  /// longest-processing-time rule, which keeps one thread from being left with a large head at
+  /// the end. Each task writes its own outputs, so the order does not change the gradients.
+  std::vector<index_t> backward_order(Backward mode, int l) const {
+    const index_t tasks = index_t(B_) * cfg_.n_head;
+    std::vector<index_t> order(static_cast<std::size_t>(tasks));
+    for (index_t t = 0; t < tasks; ++t) order[static_cast<std::size_t>(t)] = t;
+    if (mode == Backward::sparse) {
+      auto nnz = [&](index_t t) { return masks_[head_index(l, int(t / cfg_.n_head), int(t % cfg_.n_head))].nnz(); };
+      std::stable_sort(order.begin(), order.end(), [&](index_t x, index_t y) { return nnz(x) > nnz(y); });
+    }
+    return order;
+  }
   MapMat<T> G(int id) { return view(grads, id); }
 
   std::size_t head_index(int layer, int sequence, int head) const {

@@ -69,6 +69,21 @@ struct Csr {
       if (max_per_row >= 0 && e - b > max_per_row)
         detail::fail(fn, "row ", i, " holds ", e - b, " entries, more than the promised ", max_per_row, " (", shp, ")");
     }
+    // Entries: a branch-free pass says whether any is bad (every sparse backward validates its
+    // mask, so this pass is on the hot path); only then the scan below finds and names it.
+    // Within a row, j <= prev (prev = -1 at the row's start) catches j < 0 and any j not
+    // strictly above its predecessor; v·0 is NaN exactly when v is not finite.
+    bool bad = false;
+    for (index_t i = 0; i < rows; ++i) {
+      index_t prev = -1;
+      for (index_t p = row_offsets[i]; p < row_offsets[i + 1]; ++p) {
+        const index_t j = col_indices[p];
+        bad |= (j <= prev) | (j >= cols);
+        prev = j;
+      }
+    }
+    const T probe = (Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(values.data(), nnz()) * T(0)).sum();
+    if (!bad && !std::isnan(static_cast<double>(probe))) return;
     for (index_t i = 0; i < rows; ++i) {
       const index_t b = row_offsets[i], e = row_offsets[i + 1];
       for (index_t p = b; p < e; ++p) {
