@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "error.hpp"
+#include "types.hpp"
 
 namespace sus {
 
@@ -72,7 +73,7 @@ struct Csr {
     // Entries: a branch-free pass says whether any is bad (every sparse backward validates its
     // mask, so this pass is on the hot path); only then the scan below finds and names it.
     // Within a row, j <= prev (prev = -1 at the row's start) catches j < 0 and any j not
-    // strictly above its predecessor; v·0 is NaN exactly when v is not finite.
+    // strictly above its predecessor; detail::all_finite checks the values.
     bool bad = false;
     for (index_t i = 0; i < rows; ++i) {
       index_t prev = -1;
@@ -82,8 +83,7 @@ struct Csr {
         prev = j;
       }
     }
-    const T probe = (Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(values.data(), nnz()) * T(0)).sum();
-    if (!bad && !std::isnan(static_cast<double>(probe))) return;
+    if (!bad && detail::all_finite(Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(values.data(), nnz()))) return;
     for (index_t i = 0; i < rows; ++i) {
       const index_t b = row_offsets[i], e = row_offsets[i + 1];
       for (index_t p = b; p < e; ++p) {

@@ -114,12 +114,12 @@ void check_shape(const char* fn, const char* arg, const M& m, index_t rows, inde
          expected, ")");
 }
 
+// Whether every entry of a row-major matrix (or array) is finite, vectorised: x·0 is 0 for
+// finite x and NaN for ±inf or NaN, so the sum of x·0 is NaN exactly when some entry is not
+// finite. Strided views (a head of a fused QKV buffer) are summed row by row: each row is
+// contiguous and vectorises; Eigen's reduction over the whole strided view does not as well.
 template <class M>
-void check_finite(const char* fn, const char* arg, const M& m) {
-  // Fast path, vectorised: x·0 is 0 for finite x and NaN for ±inf or NaN, so the sum of
-  // x·0 is NaN exactly when some entry is not finite. The slow scan only builds the message.
-  // Strided views (a head of a fused QKV buffer) are summed row by row: each row is
-  // contiguous and vectorises; Eigen's reduction over the whole strided view does not as well.
+bool all_finite(const M& m) {
   using T = typename M::Scalar;
   T probe = T(0);
   if (m.rows() <= 1 || m.outerStride() == m.cols()) {
@@ -127,7 +127,13 @@ void check_finite(const char* fn, const char* arg, const M& m) {
   } else {
     for (index_t i = 0; i < m.rows(); ++i) probe += (m.row(i).array() * T(0)).sum();
   }
-  if (std::isnan(static_cast<double>(probe))) {
+  return !std::isnan(static_cast<double>(probe));
+}
+
+template <class M>
+void check_finite(const char* fn, const char* arg, const M& m) {
+  // Fast path all_finite; the slow scan only builds the message.
+  if (!all_finite(m)) {
     for (index_t i = 0; i < m.rows(); ++i)
       for (index_t j = 0; j < m.cols(); ++j)
         if (!std::isfinite(static_cast<double>(m(i, j))))
