@@ -193,8 +193,12 @@ TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed
   // accumulator in registers where the compiler has vector extensions); (24, 20) the run-time
   // one. With n_k = 1100 keys, d = 64 (K, V, dK, dV: 1.1 MB), or 3100, (24, 20), the kernel packs
   // contiguous K, V and gathers dK, dV in its workspace (SparseBackwardConfig::pack_bytes);
-  // below that it works in place.
+  // below that it works in place. With n_k = 16384, d = 64, or 48000, (24, 20), it runs in two
+  // passes, rows then keys (SparseBackwardConfig::two_pass_bytes).
   using Config = sus::detail::SparseBackwardConfig;
+  static_assert(16384 * (64 + 64) * 2 * sizeof(float) >= Config::two_pass_bytes, "16384 x 64: two passes");
+  static_assert(48000 * (24 + 20) * 2 * sizeof(float) >= Config::two_pass_bytes, "48000 x (24, 20): two passes");
+  static_assert(1100 * (64 + 64) * 2 * sizeof(float) < Config::two_pass_bytes, "1100 x 64: one fused pass");
   static_assert(1100 * (64 + 64) * 2 * sizeof(float) >= Config::pack_bytes, "1100 x 64 must be packed");
   static_assert(3100 * (24 + 20) * 2 * sizeof(float) >= Config::pack_bytes, "3100 x (24, 20) must be packed");
   static_assert(170 * (64 + 64) * 2 * sizeof(float) < Config::pack_bytes, "170 x 64 must work in place");
@@ -204,7 +208,10 @@ TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed
                           {90, 170, 128, 128, true, "compile-time dims 128, in place, causal"},
                           {40, 1100, 64, 64, false, "packed"},
                           {1100, 1100, 64, 64, true, "packed, causal"},
-                          {30, 3100, 24, 20, false, "run-time dims, packed"}};
+                          {30, 3100, 24, 20, false, "run-time dims, packed"},
+                          {24, 16384, 64, 64, false, "two passes"},
+                          {40, 16384, 64, 64, true, "two passes, causal"},
+                          {10, 48000, 24, 20, false, "run-time dims, two passes"}};
   for (const Shape& sh : shapes)
     for (bool accumulate : {false, true}) check_fused_equals_composition<float>(sh, accumulate);
   // double: the register rows hold 8 lanes per vector (64: 8 vectors, 128: 16)

@@ -300,32 +300,43 @@ TEST_CASE("multihead: empty views from bshd (S_k = 0, S_q = 0) give zero outputs
   CHECK(st.masks[0].rows == 0);
 }
 
-TEST_CASE("multihead: the two-pass SUS backward equals the fused single-head kernel bit for bit", "[multihead]") {
+TEST_CASE("multihead: both SUS schedules (per group, two-pass) equal the fused single-head kernel bit for bit",
+          "[multihead]") {
   // H_q = H_kv (no group sums), so each head's dQ, dK, dV is exactly one single-head backward.
-  for (Layout layout : {Layout::bshd, Layout::bhsd})
-    for (bool accumulate : {false, true}) {
-      const Case c{"equal", layout, 2, 600, 600, 2, 2, 16, 12, true, TL, {}, {}, MaskKind::none};
-      Problem4<float> p(c, 31);
-      p.options.accumulate = accumulate;
-      INFO(to_string(layout) << (accumulate ? " accumulate" : ""));
-      std::fill(p.dq.begin(), p.dq.end(), 0.25f), std::fill(p.dk.begin(), p.dk.end(), -0.5f);
-      std::fill(p.dv.begin(), p.dv.end(), 0.125f);
-      sus::AttentionState<float> state;
-      state.sampler = {16, sus::Budget::paper, sus::Draw::independent, 5};
-      sus::multihead_attention_forward(p.Q, p.K, p.V, p.O, state, p.options);
-      sus::multihead_attention_backward(p.Q, p.K, p.V, p.O, p.dO, state, p.dQ, p.dK, p.dV, p.options);
-      for (index_t b = 0; b < c.B; ++b)
-        for (index_t h = 0; h < c.H; ++h) {
-          const M<float> Q = p.Q.head(b, h, 0, c.Sq), K = p.K.head(b, h, 0, c.Sk), V = p.V.head(b, h, 0, c.Sk),
-                         O = p.O.head(b, h, 0, c.Sq), dO = p.dO.head(b, h, 0, c.Sq);
-          M<float> dQ = M<float>::Constant(c.Sq, c.D, 0.25f), dK = M<float>::Constant(c.Sk, c.D, -0.5f),
-                   dV = M<float>::Constant(c.Sk, c.Dv, 0.125f);
-          sus::attention_backward_sparse(Q, K, V, O, dO, state.masks[state.at(b, h)], dQ, dK, dV, p.options);
-          CHECK(M<float>(p.dQ.head(b, h, 0, c.Sq)) == dQ);
-          CHECK(M<float>(p.dK.head(b, h, 0, c.Sk)) == dK);
-          CHECK(M<float>(p.dV.head(b, h, 0, c.Sk)) == dV);
-        }
-    }
+  // n = 600 with 2 and 3 threads: several row tasks, and the keys cut into several ranges.
+  // d = 16, d_v = 12 go through memory (MemoryRow), d = d_v = 64 through registers.
+  using sus::detail::SparseSchedule;
+  for (SparseSchedule schedule : {SparseSchedule::per_group, SparseSchedule::two_pass})
+    for (int threads : {1, 2, 3})
+      for (Layout layout : {Layout::bshd, Layout::bhsd})
+        for (bool accumulate : {false, true})
+          for (index_t dim : {16, 64}) {
+            const index_t dim_v = dim == 16 ? 12 : 64;
+            const Case c{"equal", layout, 2, 600, 600, 2, 2, dim, dim_v, true, TL, {}, {}, MaskKind::none};
+            Problem4<float> p(c, 31);
+            p.options.accumulate = accumulate;
+            p.options.num_threads = threads;
+            INFO(to_string(layout) << (accumulate ? " accumulate" : "") << " threads " << threads << " d " << dim
+                                   << (schedule == SparseSchedule::two_pass ? " two-pass" : " per group"));
+            std::fill(p.dq.begin(), p.dq.end(), 0.25f), std::fill(p.dk.begin(), p.dk.end(), -0.5f);
+            std::fill(p.dv.begin(), p.dv.end(), 0.125f);
+            sus::AttentionState<float> state;
+            state.sampler = {16, sus::Budget::paper, sus::Draw::independent, 5};
+            sus::multihead_attention_forward(p.Q, p.K, p.V, p.O, state, p.options);
+            sus::detail::multihead_backward<float>(p.Q, p.K, p.V, p.O, p.dO, state, p.dQ, p.dK, p.dV, p.options,
+                                                   schedule);
+            for (index_t b = 0; b < c.B; ++b)
+              for (index_t h = 0; h < c.H; ++h) {
+                const M<float> Q = p.Q.head(b, h, 0, c.Sq), K = p.K.head(b, h, 0, c.Sk), V = p.V.head(b, h, 0, c.Sk),
+                               O = p.O.head(b, h, 0, c.Sq), dO = p.dO.head(b, h, 0, c.Sq);
+                M<float> dQ = M<float>::Constant(c.Sq, c.D, 0.25f), dK = M<float>::Constant(c.Sk, c.D, -0.5f),
+                         dV = M<float>::Constant(c.Sk, c.Dv, 0.125f);
+                sus::attention_backward_sparse(Q, K, V, O, dO, state.masks[state.at(b, h)], dQ, dK, dV, p.options);
+                CHECK(M<float>(p.dQ.head(b, h, 0, c.Sq)) == dQ);
+                CHECK(M<float>(p.dK.head(b, h, 0, c.Sk)) == dK);
+                CHECK(M<float>(p.dV.head(b, h, 0, c.Sk)) == dV);
+              }
+          }
 }
 
 TEST_CASE("multihead: masks, outputs and gradients are bitwise identical for 1, 2 and 3 threads and nested calls",

@@ -34,7 +34,7 @@ struct SparseBackwardConfig {
   // are gathered at random, and their cache misses, not the arithmetic, bound the kernel.
   static constexpr index_t prefetch_distance = 4;
   static_assert(prefetch_distance >= 0, "SparseBackwardConfig::prefetch_distance must be >= 0");
-  // Rows (queries, or keys) per task of the two-pass threaded backward.
+  // Query rows per rows-pass task of the two-pass threaded backward.
   static constexpr index_t task_rows = 256;
   static_assert(task_rows > 0, "SparseBackwardConfig::task_rows must be positive");
   // Rows gathered at random (K, V, gK, gV: n_k·(d + d_v)·2 values) of this many bytes or more
@@ -42,6 +42,12 @@ struct SparseBackwardConfig {
   // pages where the OS grants them: K, V are packed and gK, gV accumulated there even when the
   // caller's buffers are contiguous. Below it, the rows stay within reach of the TLB as they are.
   static constexpr index_t pack_bytes = index_t(1) << 20;
+  // Heads whose K, V, gK, gV take this many bytes or more (n_k·(d + d_v)·2 values) run the
+  // single-head backward in two passes (rows, then keys: sparse_backward_rows / _keys), each
+  // of which touches half of those rows: one pass over all four thrashes the last-level cache
+  // (measured, one thread, n = 16384, d = 64, c = 32: 24–28 ms fused, 18–19 ms in two
+  // passes; at n = 8192, 8 MiB, the two are within the noise).
+  static constexpr index_t two_pass_bytes = index_t(16) << 20;
   // Kept entries of a row whose dS are computed before their axpys (fused kernel).
   static constexpr index_t chunk = 64;
   static_assert(chunk > 0, "SparseBackwardConfig::chunk must be positive");
@@ -229,15 +235,18 @@ class ThreadWorkspace {
   std::size_t capacity_ = 0;
 };
 
-template <class T>
+// Slots: independent buffers, for a kernel that holds one while calling a leaf that uses another.
+template <class T, int Slot = 0>
 T* thread_workspace(index_t count) {
   thread_local ThreadWorkspace buffer;
   return static_cast<T*>(buffer.get(static_cast<std::size_t>(count) * sizeof(T)));
 }
 
-// One query row i of the fused SUS backward, for the row lengths dk = d, dv = d_v:
+// One query row i of the SUS backward, for the row lengths dk = d, dv = d_v:
 //   dot_dO(V_j) = dO_i · V_j
-//   update(ds, w, K_j, gK_j, gV_j):  acc_i += ds K_j,  gK_j += ds Q_i,  gV_j += w dO_i
+//   add_k(ds, K_j):                   acc_i += ds K_j
+//   scatter(ds, w, gK_j, gV_j):       gK_j += ds Q_i,  gV_j += w dO_i
+//   update(ds, w, K_j, gK_j, gV_j):   add_k, then scatter (the fused kernel)
 //   finish(out): the accumulated acc_i into out (d values)
 // MemoryRow works through memory with dot and axpy, for any lengths.
 template <class T, class DK, class DV>
@@ -252,10 +261,14 @@ struct MemoryRow {
     std::fill(acc, acc + dk, T(0));
   }
   SUS_ALWAYS_INLINE T dot_dO(const T* v) const { return dot(dO, v, dv); }
-  SUS_ALWAYS_INLINE void update(T ds, T w, const T* k, T* gk, T* gv) {
-    axpy(ds, k, acc, dk);
+  SUS_ALWAYS_INLINE void add_k(T ds, const T* k) { axpy(ds, k, acc, dk); }
+  SUS_ALWAYS_INLINE void scatter(T ds, T w, T* gk, T* gv) const {
     axpy(ds, q, gk, dk);
     axpy(w, dO, gv, dv);
+  }
+  SUS_ALWAYS_INLINE void update(T ds, T w, const T* k, T* gk, T* gv) {
+    add_k(ds, k);
+    scatter(ds, w, gk, gv);
   }
   SUS_ALWAYS_INLINE void finish(T*) const {}  // acc is already the output
 };
@@ -318,10 +331,14 @@ struct RegisterRow {
     dO.load(dO_i);
   }
   SUS_ALWAYS_INLINE T dot_dO(const T* v) const { return dO.dot(v); }
-  SUS_ALWAYS_INLINE void update(T ds, T w, const T* k, T* gk, T* gv) {
-    acc.add(ds, k);
+  SUS_ALWAYS_INLINE void add_k(T ds, const T* k) { acc.add(ds, k); }
+  SUS_ALWAYS_INLINE void scatter(T ds, T w, T* gk, T* gv) const {
     q.add_to(ds, gk);
     dO.add_to(w, gv);
+  }
+  SUS_ALWAYS_INLINE void update(T ds, T w, const T* k, T* gk, T* gv) {
+    add_k(ds, k);
+    scatter(ds, w, gk, gv);
   }
   SUS_ALWAYS_INLINE void finish(T* out) const { acc.store(out); }
 };
@@ -341,6 +358,96 @@ template <class T, class DK, class DV>
 using SparseRow = MemoryRow<T, DK, DV>;
 #endif
 
+// The same SUS backward split in two passes that can each run in parallel. The multi-head
+// path uses it when it has too few heads to keep every thread busy with one head each, and
+// sparse_backward_kernel for a head too large for one pass (two_pass_bytes):
+//   rows pass, any split of the rows:  dQ_i as in the fused kernel, and each dS_ij stored at
+//                                      its position p in the mask (dS[p]);
+//   keys pass, any split of the keys:  gK_j += dS_ij Q_i, gV_j += W̃_ij dO_i for the keys of
+//                                      the range, row by row in ascending i, as the fused
+//                                      kernel scatters them.
+// Every sum has the fused kernel's operations in the fused kernel's order, so the gradients
+// are bitwise equal to sparse_backward_kernel's (tested), whatever the split. K and V are
+// gathered by the rows pass: pass them packed (rows back to back) when they are strided.
+//
+// Rows pass over rows [i0, i1). Unless bins is null, also counts the kept entries per bin of
+// 2^bin_shift keys into bins[] (added to), so that the caller can split the keys pass by nnz.
+template <class T>
+void sparse_backward_rows(const BackwardArgs<T>& a, const Csr<T>& mask, T* dS, index_t* bins, int bin_shift, T s,
+                          bool acc_q, index_t i0, index_t i1) {
+  const index_t d = a.Q.cols(), d_v = a.V.cols();
+  Eigen::Matrix<T, 1, Eigen::Dynamic> acc(d);
+  constexpr index_t ahead = SparseBackwardConfig::prefetch_distance, chunk = SparseBackwardConfig::chunk;
+  const index_t end = mask.row_offsets[i1];
+  const index_t* col = mask.col_indices.data();
+  with_head_dims(d, d_v, [&](auto dk, auto dv) {
+    using Row = SparseRow<T, decltype(dk), decltype(dv)>;
+    for (index_t i = i0; i < i1; ++i) {
+      Row row(a.Q.row(i).data(), a.dO.row(i).data(), acc.data(), dk, dv);
+      const T D = dot(a.dO.row(i).data(), a.O.row(i).data(), dv);
+      const index_t row_end = mask.row_offsets[i + 1];
+      for (index_t p0 = mask.row_offsets[i]; p0 < row_end; p0 += chunk) {
+        const index_t p1 = std::min(p0 + chunk, row_end);
+        for (index_t p = p0; p < p1; ++p) {
+          if (ahead > 0 && p + ahead < end) prefetch(a.V.row(col[p + ahead]).data(), dv * index_t(sizeof(T)), false);
+          dS[p] = mask.values[p] * (row.dot_dO(a.V.row(col[p]).data()) - D);
+          if (bins) ++bins[col[p] >> bin_shift];
+        }
+        for (index_t p = p0; p < p1; ++p) {
+          if (ahead > 0 && p + ahead < p1) prefetch(a.K.row(col[p + ahead]).data(), dk * index_t(sizeof(T)), false);
+          row.add_k(dS[p], a.K.row(col[p]).data());
+        }
+      }
+      row.finish(acc.data());
+      if (acc_q) a.dQ.row(i).noalias() += s * acc;
+      else a.dQ.row(i).noalias() = s * acc;
+    }
+  });
+}
+
+// Keys pass over keys [j0, j1): dK, dV of those rows, from the rows pass's dS. gK, gV are
+// accumulated in the per-thread workspace ((j1 − j0)·(d + d_v) values) and written (or added,
+// acc_kv) at the end. Each row finds its first key ≥ j0 by binary search.
+template <class T>
+void sparse_backward_keys(const BackwardArgs<T>& a, const Csr<T>& mask, const T* dS, T s, bool acc_kv, index_t j0,
+                          index_t j1) {
+  const index_t d = a.Q.cols(), d_v = a.V.cols(), n_q = a.Q.rows(), nk = j1 - j0, w = d + d_v;
+  // gK_j, gV_j side by side (row j: d + d_v values), so each kept entry updates one span.
+  T* gK = thread_workspace<T>(nk * w);
+  T* gV = gK + d;
+  std::fill(gK, gK + nk * w, T(0));
+  Eigen::Matrix<T, 1, Eigen::Dynamic> unused(d);  // MemoryRow's accumulator (no dQ here)
+  constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
+  const index_t* col = mask.col_indices.data();
+  with_head_dims(d, d_v, [&](auto dk, auto dv) {
+    using Row = SparseRow<T, decltype(dk), decltype(dv)>;
+    for (index_t i = 0; i < n_q; ++i) {
+      const index_t* c1 = col + mask.row_offsets[i + 1];
+      const index_t* c0 = std::lower_bound(col + mask.row_offsets[i], c1, j0);
+      if (c0 == c1 || *c0 >= j1) continue;
+      index_t p1 = c0 - col;
+      while (p1 < c1 - col && col[p1] < j1) ++p1;
+      const Row row(a.Q.row(i).data(), a.dO.row(i).data(), unused.data(), dk, dv);
+      for (index_t p = c0 - col; p < p1; ++p) {
+        if (ahead > 0 && p + ahead < p1) {
+          prefetch(gK + (col[p + ahead] - j0) * w, (dk + dv) * index_t(sizeof(T)), true);
+        }
+        const index_t j = col[p] - j0;
+        row.scatter(dS[p], mask.values[p], gK + j * w, gV + j * w);
+      }
+    }
+  });
+  using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
+  const Strided gKm(gK, nk, d, Eigen::OuterStride<>(w)), gVm(gV, nk, d_v, Eigen::OuterStride<>(w));
+  if (acc_kv) {
+    a.dK.middleRows(j0, nk).noalias() += s * gKm;
+    a.dV.middleRows(j0, nk) += gVm;
+  } else {
+    a.dK.middleRows(j0, nk).noalias() = s * gKm;
+    a.dV.middleRows(j0, nk) = gVm;
+  }
+}
+
 // The fused SUS backward: one pass over the mask rows. For row i and each kept (i, j):
 //   dP_ij = dO_i · V_j                      (SDDMM)
 //   dS_ij = W̃_ij (dP_ij − D_i)
@@ -351,10 +458,25 @@ using SparseRow = MemoryRow<T, DK, DV>;
 // (sparse::spmm_transposed). The result is deterministic and bitwise equal to the composition
 // of the sparse primitives (tested).
 // acc_q / acc_kv: add into dQ / into dK and dV, instead of overwriting (grouped-query heads
-// add their dK, dV into one shared key/value head).
+// add their dK, dV into one shared key/value head). A head of two_pass_bytes or more goes
+// through the two passes above instead (same bits).
 template <class T>
 void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv) {
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
+  if (n_k * (d + d_v) * 2 * index_t(sizeof(T)) >= SparseBackwardConfig::two_pass_bytes) {
+    // Two passes (same bits): dS and K, V packed in workspace slot 1; the keys pass uses slot 0.
+    T* ws = thread_workspace<T, 1>(mask.nnz() + n_k * (d + d_v));
+    using Strided = Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>;  // K_j, V_j side by side
+    Strided Kp(ws + mask.nnz(), n_k, d, Eigen::OuterStride<>(d + d_v));
+    Strided Vp(ws + mask.nnz() + d, n_k, d_v, Eigen::OuterStride<>(d + d_v));
+    Kp = a.K;
+    Vp = a.V;
+    const ConstMatrixRef<T> K(Kp), V(Vp);
+    const BackwardArgs<T> packed{a.Q, K, V, a.O, a.dO, a.dQ, a.dK, a.dV};
+    sparse_backward_rows<T>(packed, mask, ws, nullptr, 0, s, acc_q, 0, n_q);
+    sparse_backward_keys<T>(packed, mask, ws, s, acc_kv, 0, n_k);
+    return;
+  }
   // D_i = dO_i · O_i
   const Vector<T> D = row_dot<T>(a.dO, a.O);
   // K, V are gathered at random: strided views, and every large head (pack_bytes), are packed
@@ -455,103 +577,6 @@ void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, b
   }
 }
 
-// The same SUS backward split in two passes that can each run in parallel (the multi-head
-// path uses it for every thread count):
-//   rows pass, any split of the rows:  dQ_i as in the fused kernel, and each dS_ij stored at
-//                                      its position in the transposed mask;
-//   keys pass, any split of the keys:  gK_j = Σ_i dS_ij Q_i, gV_j = Σ_i W̃_ij dO_i through the
-//                                      transposed mask, in ascending i.
-// Every sum has the fused kernel's operations in the fused kernel's order, so the gradients
-// are bitwise equal to sparse_backward_kernel's (tested), whatever the split.
-template <class T>
-struct TransposedMask {
-  std::vector<index_t> offsets;  // n_k + 1
-  std::vector<index_t> rows;     // nnz: query row of each transposed entry (ascending per key)
-  std::vector<index_t> pos;      // nnz: transposed position of original entry p
-  std::vector<T> w, dS;          // nnz: W̃ and dS in transposed order
-
-  explicit TransposedMask(const Csr<T>& m) {
-    const index_t nnz = m.nnz();
-    offsets.assign(static_cast<std::size_t>(m.cols + 1), 0);
-    rows.resize(static_cast<std::size_t>(nnz));
-    pos.resize(static_cast<std::size_t>(nnz));
-    w.resize(static_cast<std::size_t>(nnz));
-    dS.resize(static_cast<std::size_t>(nnz));
-    for (index_t p = 0; p < nnz; ++p) ++offsets[m.col_indices[p] + 1];
-    for (index_t j = 0; j < m.cols; ++j) offsets[j + 1] += offsets[j];
-    std::vector<index_t> next(offsets.begin(), offsets.end() - 1);
-    for (index_t i = 0; i < m.rows; ++i)
-      for (index_t p = m.row_offsets[i]; p < m.row_offsets[i + 1]; ++p) {
-        const index_t q = next[m.col_indices[p]]++;
-        rows[q] = i;
-        pos[p] = q;
-        w[q] = m.values[p];
-      }
-  }
-};
-
-template <class T>
-void sparse_backward_rows(const BackwardArgs<T>& a, const Csr<T>& mask, TransposedMask<T>& t, T s, bool acc_q,
-                          index_t i0, index_t i1) {
-  const index_t d = a.Q.cols(), d_v = a.V.cols();
-  Eigen::Matrix<T, 1, Eigen::Dynamic> acc(d);
-  constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
-  const index_t end = mask.row_offsets[i1];
-  with_head_dims(d, d_v, [&](auto dk, auto dv) {
-    for (index_t i = i0; i < i1; ++i) {
-      const T* do_i = a.dO.row(i).data();
-      const T D = dot(do_i, a.O.row(i).data(), dv);
-      T* acc_i = acc.data();
-      std::fill(acc_i, acc_i + dk, T(0));
-      for (index_t p = mask.row_offsets[i]; p < mask.row_offsets[i + 1]; ++p) {
-        if (ahead > 0 && p + ahead < end) {
-          const index_t jn = mask.col_indices[p + ahead];
-          prefetch(a.V.row(jn).data(), dv * index_t(sizeof(T)), false);
-          prefetch(a.K.row(jn).data(), dk * index_t(sizeof(T)), false);
-        }
-        const index_t j = mask.col_indices[p];
-        const T dS = mask.values[p] * (dot(do_i, a.V.row(j).data(), dv) - D);
-        axpy(dS, a.K.row(j).data(), acc_i, dk);
-        t.dS[t.pos[p]] = dS;
-      }
-      if (acc_q) a.dQ.row(i).noalias() += s * acc;
-      else a.dQ.row(i).noalias() = s * acc;
-    }
-  });
-}
-
-template <class T>
-void sparse_backward_keys(const BackwardArgs<T>& a, const TransposedMask<T>& t, T s, bool acc_kv, index_t j0,
-                          index_t j1) {
-  const index_t d = a.Q.cols(), d_v = a.V.cols();
-  Eigen::Matrix<T, 1, Eigen::Dynamic> gK(d), gV(d_v);
-  constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
-  const index_t end = t.offsets[j1];
-  with_head_dims(d, d_v, [&](auto dk, auto dv) {
-    for (index_t j = j0; j < j1; ++j) {
-      gK.setZero();
-      gV.setZero();
-      for (index_t q = t.offsets[j]; q < t.offsets[j + 1]; ++q) {
-        if (ahead > 0 && q + ahead < end) {
-          const index_t in = t.rows[q + ahead];
-          prefetch(a.Q.row(in).data(), dk * index_t(sizeof(T)), false);
-          prefetch(a.dO.row(in).data(), dv * index_t(sizeof(T)), false);
-        }
-        const index_t i = t.rows[q];
-        axpy(t.dS[q], a.Q.row(i).data(), gK.data(), dk);
-        axpy(t.w[q], a.dO.row(i).data(), gV.data(), dv);
-      }
-      if (acc_kv) {
-        a.dK.row(j).noalias() += s * gK;
-        a.dV.row(j) += gV;
-      } else {
-        a.dK.row(j).noalias() = s * gK;
-        a.dV.row(j) = gV;
-      }
-    }
-  });
-}
-
 template <class T>
 void attention_backward_sparse(const BackwardArgs<T>& a, const Csr<T>& mask, const AttentionOptions& o) {
   constexpr const char* fn = "attention_backward_sparse";
@@ -613,7 +638,7 @@ void attention_backward_dense(const BackwardArgs<T>& a, const ConstMatrixRef<T>&
 
 /// SUS backward, O(nnz·d): gradients of O = softmax(s·Q·Kᵀ)·V with the sampled weights W̃
 /// (`mask`, from SusMask or sample_mask) in place of W. Unbiased; deterministic (no atomics:
-/// dK and dV go through the transposed mask).
+/// every dK_j, dV_j receives its terms in ascending query order).
 ///   Q: n_q x d, K: n_k x d, V: n_k x d_v, O (forward output) and dO: n_q x d_v.
 ///   mask: n_q x n_k Csr (validated; causal: no entry a query cannot see).
 ///   dQ: n_q x d, dK: n_k x d, dV: n_k x d_v, caller-owned; overwritten, or added to when

@@ -17,9 +17,10 @@
 //
 // Threads (OpenMP, optional): the forward runs (b, h, row block) tasks — each holds at most
 // one row block x n_k score buffer — and the backward runs (b, key/value head) tasks, which
-// visit the heads of their group in ascending order. Every task computes the same thing
-// whatever the thread count, and no two tasks write the same memory, so masks and gradients
-// are bitwise identical for any number of threads.
+// visit the heads of their group in ascending order (the SUS backward, with few such tasks
+// per thread, runs row-block then key-range tasks instead: SparseSchedule). Every sum is
+// computed in the same order whatever the thread count, and no two tasks write the same
+// memory, so masks and gradients are bitwise identical for any number of threads.
 #pragma once
 
 #include <algorithm>
@@ -392,15 +393,34 @@ void check_mask_disjoint(const char* fn, const HeadsView<const T>& O, const Head
 
 // Non-finite entries of one operand, head by head.
 template <class T>
-void check_view_finite(const char* fn, const char* arg, const HeadsView<const T>& v) {
-  for (index_t b = 0; b < v.batch; ++b)
-    for (index_t h = 0; h < v.heads; ++h) {
-      const auto m = v.head(b, h, 0, v.seq);
-      using S = std::remove_const_t<T>;
-      if (std::isnan(static_cast<double>((m.array() * S(0)).sum())))
-        fail(fn, "argument '", arg, "' has a non-finite entry in batch entry ", b, ", head ", h, " (shape ",
-             view_shape(v.batch, v.seq, v.heads, v.dim), ")");
+struct NamedView {
+  const char* name;
+  const HeadsView<const T>* view;
+};
+
+// The finiteness checks of `views`, one per (view, batch entry, head) in that order: their
+// count, and check number t. They read every byte of the inputs, so the callers run them in
+// parallel (parallel_for reports the failure of the lowest task: the first in this order).
+template <class T, std::size_t N>
+index_t finite_checks(const NamedView<T> (&views)[N]) {
+  index_t count = 0;
+  for (const NamedView<T>& nv : views) count += nv.view->batch * nv.view->heads;
+  return count;
+}
+template <class T, std::size_t N>
+void check_finite_task(const char* fn, const NamedView<T> (&views)[N], index_t t) {
+  for (const NamedView<T>& nv : views) {
+    const HeadsView<const T>& v = *nv.view;
+    if (t >= v.batch * v.heads) {
+      t -= v.batch * v.heads;
+      continue;
     }
+    const index_t b = t / v.heads, h = t % v.heads;
+    if (!all_finite(v.head(b, h, 0, v.seq)))
+      fail(fn, "argument '", nv.name, "' has a non-finite entry in batch entry ", b, ", head ", h, " (shape ",
+           view_shape(v.batch, v.seq, v.heads, v.dim), ")");
+    return;
+  }
 }
 
 template <class T>
@@ -425,9 +445,9 @@ void multihead_forward(const HeadsView<const T>& Q, const HeadsView<const T>& K,
   }
   if (options.num_threads < 0) fail(fn, "options.num_threads = ", options.num_threads, " must be >= 0 (0: default)");
   check_mask_disjoint(fn, Oc, mask);
-  check_view_finite(fn, "Q", Q);
-  check_view_finite(fn, "K", K);
-  check_view_finite(fn, "V", V);
+  const int threads = resolve_threads(options.num_threads);
+  const NamedView<T> inputs[] = {{"Q", &Q}, {"K", &K}, {"V", &V}};
+  parallel_for(finite_checks(inputs), threads, [&](index_t t, int) { check_finite_task(fn, inputs, t); });
 
   const index_t n_seq = static_cast<index_t>(seqs.size()), H = Q.heads, group = Q.heads / std::max<index_t>(K.heads, 1);
   constexpr index_t Br = ForwardConfig::row_block;
@@ -462,7 +482,6 @@ void multihead_forward(const HeadsView<const T>& Q, const HeadsView<const T>& K,
   };
   std::vector<Staged> staged(state.save == SaveForBackward::sus_mask ? tasks.size() : 0);
 
-  const int threads = resolve_threads(options.num_threads);
   std::vector<std::unique_ptr<ForwardWorkspace<T>>> workspaces(static_cast<std::size_t>(threads));
   parallel_for(static_cast<index_t>(tasks.size()), threads, [&](index_t t, int worker) {
     const Task& task = tasks[t];
@@ -532,76 +551,141 @@ void multihead_forward(const HeadsView<const T>& Q, const HeadsView<const T>& K,
   state.sequences = n_seq;
 }
 
-// The SUS backward of every (sequence, head) in three parallel phases (sparse_backward_rows /
-// _keys in backward.hpp): 1. per head, the transposed mask, and packed copies of strided
-// operands; 2. tasks (b, h, row block): dQ and dS; 3. tasks (b, g, key block): dK, dV of the
-// block, summing the heads of the group in ascending order. The work of every task is fixed by
-// the problem, not by the thread count, so the result is bitwise the same for any count.
-// Packed copies: the passes gather rows at random, and in a layout such as [B, S, H, D] those
-// rows are H·D apart; a contiguous copy (O(n·d)) costs less than the cache and TLB misses it
-// saves. Views whose rows are already contiguous are used as they are.
+// How the SUS multi-head backward splits its work among the threads. Both ways compute every
+// sum with the same operations in the same order, so the gradients are bitwise the same
+// (tested), and which one runs is a matter of speed only.
+//   per_group: tasks (sequence, key/value head), each running the fused single-head kernel
+//              (sparse_backward_kernel) on the heads of its group in ascending order. The
+//              fastest way per entry (one pass over the mask, packed operands on huge pages),
+//              but the threads have only as many tasks as groups.
+//   two_pass:  rows pass, then keys pass (sparse_multihead_two_pass), in tasks of task_rows
+//              rows or keys: as many tasks as needed, at the price of a second pass.
+//   automatic: per_group on one thread, or when there are at least 4 groups per thread (the
+//              largest go first, so the threads finish close together); two_pass otherwise.
+enum class SparseSchedule { automatic, per_group, two_pass };
+
+inline SparseSchedule resolve_schedule(SparseSchedule s, index_t groups, int threads) {
+  if (s != SparseSchedule::automatic) return s;
+  return threads <= 1 || groups >= 4 * index_t(threads) ? SparseSchedule::per_group : SparseSchedule::two_pass;
+}
+
 template <class T>
-void sparse_multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K, const HeadsView<const T>& V,
+void sparse_multihead_per_group(const HeadsView<const T>& Q, const HeadsView<const T>& K, const HeadsView<const T>& V,
+                                const HeadsView<const T>& O, const HeadsView<const T>& dO,
+                                const AttentionState<T>& state, const HeadsView<T>& dQ, const HeadsView<T>& dK,
+                                const HeadsView<T>& dV, const std::vector<SequenceSpan>& seqs, T scale,
+                                bool accumulate, int threads) {
+  const index_t n_seq = static_cast<index_t>(seqs.size()), H = Q.heads, H_kv = K.heads, group = H / H_kv;
+  // Largest group first (cost: its masks' nnz, plus the O(n·d) of each head).
+  std::vector<index_t> order(static_cast<std::size_t>(n_seq * H_kv)), cost(order.size(), 0);
+  for (index_t u = 0; u < n_seq * H_kv; ++u) {
+    order[u] = u;
+    const index_t b = u / H_kv, g = u % H_kv;
+    for (index_t h = g * group; h < (g + 1) * group; ++h)
+      cost[u] += state.masks[state.at(b, h)].nnz() + seqs[b].n_q + seqs[b].n_k;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](index_t x, index_t y) { return cost[x] > cost[y]; });
+  parallel_for(n_seq * H_kv, threads, [&](index_t t, int) {
+    const index_t u = order[static_cast<std::size_t>(t)], b = u / H_kv, g = u % H_kv;
+    const SequenceSpan& sp = seqs[b];
+    const ConstMatrixRef<T> Kg = K.head(sp.batch, g, sp.k0, sp.n_k);
+    const ConstMatrixRef<T> Vg = V.head(sp.batch, g, sp.k0, sp.n_k);
+    MatrixRef<T> dKg = dK.head(sp.batch, g, sp.k0, sp.n_k);
+    MatrixRef<T> dVg = dV.head(sp.batch, g, sp.k0, sp.n_k);
+    for (index_t h = g * group; h < (g + 1) * group; ++h) {
+      const ConstMatrixRef<T> Qh = Q.head(sp.batch, h, sp.q0, sp.n_q);
+      const ConstMatrixRef<T> Oh = O.head(sp.batch, h, sp.q0, sp.n_q);
+      const ConstMatrixRef<T> dOh = dO.head(sp.batch, h, sp.q0, sp.n_q);
+      MatrixRef<T> dQh = dQ.head(sp.batch, h, sp.q0, sp.n_q);
+      const BackwardArgs<T> a{Qh, Kg, Vg, Oh, dOh, dQh, dKg, dVg};
+      sparse_backward_kernel<T>(a, state.masks[state.at(b, h)], scale, accumulate, accumulate || h > g * group);
+    }
+  });
+}
+
+// The two-pass SUS backward of every (sequence, head), in three parallel phases
+// (sparse_backward_rows / _keys in backward.hpp):
+//   1. tasks (b, g): contiguous copies of strided K_g, V_g. The rows pass gathers their rows
+//      at random, and in a layout such as [B, S, H, D] those rows are H·D apart; a copy
+//      (O(n·d)) costs less than the cache and TLB misses it saves.
+//   2. tasks (b, h, row block): dQ and dS, and the kept entries per bin of keys.
+//   3. tasks (b, g, key range): dK, dV of the range, summing the heads of the group in
+//      ascending order. Each group's keys are cut, at bin edges, into ranges of about equal
+//      nnz: enough ranges for two per thread over all groups.
+// The work of every task is fixed by the problem and the thread count only decides how the
+// keys are cut, which no sum depends on: the result is bitwise the same for any count.
+template <class T>
+void sparse_multihead_two_pass(const HeadsView<const T>& Q, const HeadsView<const T>& K, const HeadsView<const T>& V,
                                const HeadsView<const T>& O, const HeadsView<const T>& dO, const AttentionState<T>& state,
                                const HeadsView<T>& dQ, const HeadsView<T>& dK, const HeadsView<T>& dV,
                                const std::vector<SequenceSpan>& seqs, T scale, bool accumulate, int threads) {
-  constexpr index_t block = SparseBackwardConfig::task_rows;
+  constexpr index_t block = SparseBackwardConfig::task_rows, n_bins = 64;
   const index_t n_seq = static_cast<index_t>(seqs.size()), H = Q.heads, H_kv = K.heads, group = H / H_kv;
-  // Phase 1: tasks (b, h) build the transposed mask and pack Q_h, dO_h; tasks (b, g) pack K_g, V_g.
-  std::vector<std::unique_ptr<TransposedMask<T>>> tmask(static_cast<std::size_t>(n_seq * H));
-  std::vector<Matrix<T>> Qp(tmask.size()), dOp(tmask.size()), Kp(static_cast<std::size_t>(n_seq * H_kv)),
-      Vp(Kp.size());
-  std::vector<ConstMatrixRef<T>> Qr, dOr, Kr, Vr;  // the packed (or original) operands, filled after phase 1
-  parallel_for(n_seq * H + n_seq * H_kv, threads, [&](index_t t, int) {
-    if (t < n_seq * H) {
-      const index_t b = t / H, h = t % H;
-      const SequenceSpan& sp = seqs[b];
-      tmask[t] = std::make_unique<TransposedMask<T>>(state.masks[state.at(b, h)]);
-      if (sp.n_q > 1 && Q.stride_seq != Q.dim) Qp[t] = Q.head(sp.batch, h, sp.q0, sp.n_q);
-      if (sp.n_q > 1 && dO.stride_seq != dO.dim) dOp[t] = dO.head(sp.batch, h, sp.q0, sp.n_q);
-    } else {
-      const index_t u = t - n_seq * H, b = u / H_kv, g = u % H_kv;
-      const SequenceSpan& sp = seqs[b];
-      if (sp.n_k > 1 && K.stride_seq != K.dim) Kp[u] = K.head(sp.batch, g, sp.k0, sp.n_k);
-      if (sp.n_k > 1 && V.stride_seq != V.dim) Vp[u] = V.head(sp.batch, g, sp.k0, sp.n_k);
-    }
+  // Phase 1: packed K_g, V_g where strided.
+  std::vector<Matrix<T>> Kp(static_cast<std::size_t>(n_seq * H_kv)), Vp(Kp.size());
+  parallel_for(n_seq * H_kv, threads, [&](index_t u, int) {
+    const SequenceSpan& sp = seqs[u / H_kv];
+    const index_t g = u % H_kv;
+    if (sp.n_k > 1 && K.stride_seq != K.dim) Kp[u] = K.head(sp.batch, g, sp.k0, sp.n_k);
+    if (sp.n_k > 1 && V.stride_seq != V.dim) Vp[u] = V.head(sp.batch, g, sp.k0, sp.n_k);
   });
-  auto pick = [](const HeadsView<const T>& v, index_t b, index_t h, index_t r0, index_t n, const Matrix<T>& packed) {
-    return packed.size() > 0 ? ConstMatrixRef<T>(packed) : ConstMatrixRef<T>(v.head(b, h, r0, n));  // copied in phase 1?
-  };
-  for (index_t b = 0; b < n_seq; ++b) {
-    const SequenceSpan& sp = seqs[b];
-    for (index_t h = 0; h < H; ++h) {
-      Qr.push_back(pick(Q, sp.batch, h, sp.q0, sp.n_q, Qp[b * H + h]));
-      dOr.push_back(pick(dO, sp.batch, h, sp.q0, sp.n_q, dOp[b * H + h]));
-    }
-    for (index_t g = 0; g < H_kv; ++g) {
-      Kr.push_back(pick(K, sp.batch, g, sp.k0, sp.n_k, Kp[b * H_kv + g]));
-      Vr.push_back(pick(V, sp.batch, g, sp.k0, sp.n_k, Vp[b * H_kv + g]));
-    }
+  std::vector<ConstMatrixRef<T>> Kr, Vr;
+  for (index_t u = 0; u < n_seq * H_kv; ++u) {
+    const SequenceSpan& sp = seqs[u / H_kv];
+    const index_t g = u % H_kv;
+    Kr.push_back(Kp[u].size() > 0 ? ConstMatrixRef<T>(Kp[u]) : ConstMatrixRef<T>(K.head(sp.batch, g, sp.k0, sp.n_k)));
+    Vr.push_back(Vp[u].size() > 0 ? ConstMatrixRef<T>(Vp[u]) : ConstMatrixRef<T>(V.head(sp.batch, g, sp.k0, sp.n_k)));
   }
+  // Bins of 2^shift keys, at most n_bins of them per sequence.
+  std::vector<int> shift(static_cast<std::size_t>(n_seq), 0);
+  for (index_t b = 0; b < n_seq; ++b)
+    while (((seqs[b].n_k - 1) >> shift[b]) >= n_bins) ++shift[b];
   // Phase 2: tasks (b, h, row block).
   struct Block {
     index_t seq, head, r0, r1;
   };
   std::vector<Block> row_tasks, key_tasks;
-  for (index_t b = 0; b < n_seq; ++b) {
-    for (index_t h = 0; h < H; ++h)
+  std::vector<std::vector<T>> dS(static_cast<std::size_t>(n_seq * H));
+  for (index_t b = 0; b < n_seq; ++b)
+    for (index_t h = 0; h < H; ++h) {
+      dS[b * H + h].resize(static_cast<std::size_t>(state.masks[state.at(b, h)].nnz()));
       for (index_t i0 = 0; i0 < seqs[b].n_q; i0 += block) row_tasks.push_back({b, h, i0, std::min(i0 + block, seqs[b].n_q)});
-    for (index_t g = 0; g < H_kv; ++g)
-      for (index_t j0 = 0; j0 < seqs[b].n_k; j0 += block) key_tasks.push_back({b, g, j0, std::min(j0 + block, seqs[b].n_k)});
-  }
+    }
+  std::vector<index_t> bins(row_tasks.size() * n_bins, 0);
   parallel_for(static_cast<index_t>(row_tasks.size()), threads, [&](index_t t, int) {
     const Block& k = row_tasks[static_cast<std::size_t>(t)];
     const SequenceSpan& sp = seqs[k.seq];
-    const index_t bh = k.seq * H + k.head, bg = k.seq * H_kv + k.head / group;
+    const index_t bg = k.seq * H_kv + k.head / group;
+    const ConstMatrixRef<T> Qh = Q.head(sp.batch, k.head, sp.q0, sp.n_q);
     const ConstMatrixRef<T> Oh = O.head(sp.batch, k.head, sp.q0, sp.n_q);
+    const ConstMatrixRef<T> dOh = dO.head(sp.batch, k.head, sp.q0, sp.n_q);
     MatrixRef<T> dQh = dQ.head(sp.batch, k.head, sp.q0, sp.n_q);
     MatrixRef<T> unused = dQh;
-    const BackwardArgs<T> a{Qr[bh], Kr[bg], Vr[bg], Oh, dOr[bh], dQh, unused, unused};
-    sparse_backward_rows<T>(a, state.masks[state.at(k.seq, k.head)], *tmask[bh], scale, accumulate, k.r0, k.r1);
+    const BackwardArgs<T> a{Qh, Kr[bg], Vr[bg], Oh, dOh, dQh, unused, unused};
+    sparse_backward_rows<T>(a, state.masks[state.at(k.seq, k.head)], dS[k.seq * H + k.head].data(), &bins[t * n_bins],
+                            shift[k.seq], scale, accumulate, k.r0, k.r1);
   });
-  // Phase 3: tasks (b, g, key block).
+  // Phase 3: each group's keys cut into `ranges` of about equal nnz.
+  std::vector<index_t> group_bins(static_cast<std::size_t>(n_seq * H_kv * n_bins), 0);
+  for (std::size_t t = 0; t < row_tasks.size(); ++t)
+    for (index_t x = 0; x < n_bins; ++x)
+      group_bins[(row_tasks[t].seq * H_kv + row_tasks[t].head / group) * n_bins + x] += bins[t * n_bins + x];
+  const index_t ranges = std::max<index_t>(1, (2 * index_t(threads) + n_seq * H_kv - 1) / (n_seq * H_kv));
+  for (index_t u = 0; u < n_seq * H_kv; ++u) {
+    const index_t b = u / H_kv, n_k = seqs[b].n_k;
+    const index_t* gb = &group_bins[u * n_bins];
+    const index_t used = n_k == 0 ? 0 : ((n_k - 1) >> shift[b]) + 1;
+    index_t total = 0;
+    for (index_t x = 0; x < used; ++x) total += gb[x];
+    index_t lo = 0, hi = 0, sum = 0;
+    for (index_t r = 0; r < ranges; ++r) {
+      const index_t target = r + 1 == ranges ? total : total * (r + 1) / ranges;
+      while (hi < used && (sum < target || r + 1 == ranges)) sum += gb[hi++];
+      const index_t j0 = lo << shift[b], j1 = std::min(n_k, hi << shift[b]);
+      if (j1 > j0) key_tasks.push_back({b, u % H_kv, j0, j1});
+      lo = hi;
+    }
+  }
   parallel_for(static_cast<index_t>(key_tasks.size()), threads, [&](index_t t, int) {
     const Block& k = key_tasks[static_cast<std::size_t>(t)];
     const SequenceSpan& sp = seqs[k.seq];
@@ -609,11 +693,12 @@ void sparse_multihead_backward(const HeadsView<const T>& Q, const HeadsView<cons
     MatrixRef<T> dKg = dK.head(sp.batch, g, sp.k0, sp.n_k);
     MatrixRef<T> dVg = dV.head(sp.batch, g, sp.k0, sp.n_k);
     for (index_t h = g * group; h < (g + 1) * group; ++h) {
-      const index_t bh = k.seq * H + h;
-      const ConstMatrixRef<T> Oh = O.head(sp.batch, h, sp.q0, sp.n_q);
+      const ConstMatrixRef<T> Qh = Q.head(sp.batch, h, sp.q0, sp.n_q);
+      const ConstMatrixRef<T> dOh = dO.head(sp.batch, h, sp.q0, sp.n_q);
       MatrixRef<T> unused = dKg;
-      const BackwardArgs<T> a{Qr[bh], Kr[bg], Vr[bg], Oh, dOr[bh], unused, dKg, dVg};
-      sparse_backward_keys<T>(a, *tmask[bh], scale, accumulate || h > g * group, k.r0, k.r1);
+      const BackwardArgs<T> a{Qh, Kr[bg], Vr[bg], Qh, dOh, unused, dKg, dVg};
+      sparse_backward_keys<T>(a, state.masks[state.at(k.seq, h)], dS[k.seq * H + h].data(), scale,
+                              accumulate || h > g * group, k.r0, k.r1);
     }
   });
 }
@@ -622,7 +707,7 @@ template <class T>
 void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K, const HeadsView<const T>& V,
                         const HeadsView<const T>& O, const HeadsView<const T>& dO, const AttentionState<T>& state,
                         const HeadsView<T>& dQ, const HeadsView<T>& dK, const HeadsView<T>& dV,
-                        const MultiHeadOptions& options) {
+                        const MultiHeadOptions& options, SparseSchedule schedule = SparseSchedule::automatic) {
   constexpr const char* fn = "multihead_attention_backward";
   const char* in_names[] = {"Q", "K", "V", "O", "dO"};
   const HeadsView<const T>* ins[] = {&Q, &K, &V, &O, &dO};
@@ -665,23 +750,29 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
   if (static_cast<index_t>(sparse ? state.masks.size() : state.weights.size()) != n_seq * H)
     fail(fn, "argument 'state' has ", sparse ? state.masks.size() : state.weights.size(), " saved heads, expected ",
          n_seq * H);
-  for (index_t b = 0; b < n_seq; ++b)
-    for (index_t h = 0; h < H; ++h) {
-      const SequenceSpan& sp = seqs[b];
-      const auto bh = state.at(b, h);
-      if (sparse) {
-        check_mask(fn, state.masks[bh], sp.n_q, sp.n_k, options,
-                   concat("state.masks[", bh, "] (sequence ", b, ", head ", h, ")"));
-      } else {
-        check_weights_for(fn, concat("state.weights[", bh, "] (sequence ", b, ", head ", h, ")"),
-                          ConstMatrixRef<T>(state.weights[bh]), sp.n_q, sp.n_k, options);
-      }
-    }
-  for (int x = 0; x < 5; ++x) check_view_finite(fn, in_names[x], *ins[x]);
-
+  // The saved state of each (sequence, head), then the inputs' values, checked in parallel
+  // (they read every byte); the failure reported is the first in this order.
   const int threads = resolve_threads(options.num_threads);
+  const NamedView<T> inputs[] = {{"Q", &Q}, {"K", &K}, {"V", &V}, {"O", &O}, {"dO", &dO}};
+  parallel_for(n_seq * H + finite_checks(inputs), threads, [&](index_t t, int) {
+    if (t >= n_seq * H) return check_finite_task(fn, inputs, t - n_seq * H);
+    const index_t b = t / H, h = t % H;
+    const SequenceSpan& sp = seqs[b];
+    const auto bh = state.at(b, h);
+    if (sparse) {
+      check_mask(fn, state.masks[bh], sp.n_q, sp.n_k, options,
+                 concat("state.masks[", bh, "] (sequence ", b, ", head ", h, ")"));
+    } else {
+      check_weights_for(fn, concat("state.weights[", bh, "] (sequence ", b, ", head ", h, ")"),
+                        ConstMatrixRef<T>(state.weights[bh]), sp.n_q, sp.n_k, options);
+    }
+  });
+
   if (sparse) {
-    sparse_multihead_backward<T>(Q, K, V, O, dO, state, dQ, dK, dV, seqs, scale, options.accumulate, threads);
+    if (resolve_schedule(schedule, n_seq * H_kv, threads) == SparseSchedule::per_group)
+      sparse_multihead_per_group<T>(Q, K, V, O, dO, state, dQ, dK, dV, seqs, scale, options.accumulate, threads);
+    else
+      sparse_multihead_two_pass<T>(Q, K, V, O, dO, state, dQ, dK, dV, seqs, scale, options.accumulate, threads);
     return;
   }
   // Dense: tasks (sequence, key/value head), each running the heads of its group in ascending
