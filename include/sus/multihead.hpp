@@ -391,7 +391,7 @@ void check_mask_disjoint(const char* fn, const HeadsView<const T>& O, const Head
   if (m0 < o1 && o0 < m1) fail(fn, "output 'O' overlaps argument 'mask' in memory");
 }
 
-// Non-finite entries of one operand, head by head.
+// An operand and its name, for the finiteness checks below.
 template <class T>
 struct NamedView {
   const char* name;
@@ -558,8 +558,9 @@ void multihead_forward(const HeadsView<const T>& Q, const HeadsView<const T>& K,
 //              (sparse_backward_kernel) on the heads of its group in ascending order. The
 //              fastest way per entry (one pass over the mask, packed operands on huge pages),
 //              but the threads have only as many tasks as groups.
-//   two_pass:  rows pass, then keys pass (sparse_multihead_two_pass), in tasks of task_rows
-//              rows or keys: as many tasks as needed, at the price of a second pass.
+//   two_pass:  rows pass in tasks of task_rows rows, then keys pass in key ranges
+//              (sparse_multihead_two_pass): as many tasks as needed, at the price of a second
+//              pass over the mask.
 //   automatic: per_group on one thread, or when there are at least 4 groups per thread (the
 //              largest go first, so the threads finish close together); two_pass otherwise.
 enum class SparseSchedule { automatic, per_group, two_pass };

@@ -96,7 +96,7 @@ namespace detail {
 // lanes too, so appending entries with f = 0 leaves the result bit for bit unchanged: a row
 // cut at its causal length sums exactly like the zero-padded full row.
 template <class F>
-double lane_sum(index_t b, index_t e, F f) {
+SUS_ALWAYS_INLINE double lane_sum(index_t b, index_t e, F f) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   const index_t len = e - b, full = len - len % 8;
   for (index_t k = 0; k < full; k += 8)
@@ -108,7 +108,7 @@ double lane_sum(index_t b, index_t e, F f) {
 // Π_{j∈[b,e)} f(j) in double, likewise with 8 partial products (entries with f = 1 appended
 // leave it unchanged).
 template <class F>
-double lane_product(index_t b, index_t e, F f) {
+SUS_ALWAYS_INLINE double lane_product(index_t b, index_t e, F f) {
   double acc[8] = {1, 1, 1, 1, 1, 1, 1, 1};
   const index_t len = e - b, full = len - len % 8;
   for (index_t k = 0; k < full; k += 8)
@@ -199,7 +199,28 @@ class RowSampler {
   // Entries per skip test: small enough that most chunks hold no point (a row of n entries
   // has ~c points, so ~c chunks are scanned entry by entry), large enough to amortise the test.
   static constexpr index_t kChunk = 16;
-  static_assert(kChunk > 0, "RowSampler::kChunk must be positive");
+  static_assert(kChunk > 0 && kChunk % 8 == 0, "RowSampler::kChunk must be a positive multiple of 8");
+
+  // Π_{j∈[b,e)} (1 − q_j) over the entries with q_j < 1 (lane_product's order, so its bits),
+  // and whether any q_j = 1. A full chunk goes through fixed-length loops without branches,
+  // which the compiler turns into vector instructions (the test runs once per kChunk weights
+  // and is most of the sampler's time).
+  static SUS_ALWAYS_INLINE double chunk_survival(const T* q, index_t b, index_t e, bool& certain) {
+    if (e - b != kChunk) {
+      for (index_t j = b; j < e; ++j) certain |= q[j] >= T(1);
+      return detail::lane_product(b, e, [&](index_t j) { return q[j] < T(1) ? 1.0 - static_cast<double>(q[j]) : 1.0; });
+    }
+    double acc[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    int any = 0;
+    for (index_t k = 0; k < kChunk; k += 8)
+      for (int l = 0; l < 8; ++l) {
+        const double x = static_cast<double>(q[b + k + l]);
+        any |= x >= 1.0;
+        acc[l] *= x < 1.0 ? 1.0 - x : 1.0;
+      }
+    certain = any != 0;
+    return ((acc[0] * acc[1]) * (acc[2] * acc[3])) * ((acc[4] * acc[5]) * (acc[6] * acc[7]));
+  }
 
   void keep(index_t j, const T* w, std::vector<index_t>& cols, std::vector<T>& vals) const {
     cols.push_back(j);
@@ -252,12 +273,10 @@ class RowSampler {
     double R = uniform_open0();
     for (index_t b = 0; b < n; b += kChunk) {
       const index_t e = std::min(n, b + kChunk);
-      T max_q = 0;
-      for (index_t j = b; j < e; ++j) max_q = std::max(max_q, q[j]);
-      const double chunk_survival =
-          detail::lane_product(b, e, [&](index_t j) { return q[j] < T(1) ? 1.0 - static_cast<double>(q[j]) : 1.0; });
-      if (max_q < T(1) && chunk_survival >= R) {  // no point and no certain entry in this chunk
-        R /= chunk_survival;
+      bool certain = false;  // some q_j = 1 in the chunk
+      const double survival = chunk_survival(q, b, e, certain);
+      if (!certain && survival >= R) {  // no point and no certain entry in this chunk
+        R /= survival;
         continue;
       }
       double P = 1;

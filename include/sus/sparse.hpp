@@ -22,14 +22,6 @@ struct type_identity {
 template <class T>
 using nodeduce_t = typename type_identity<T>::type;
 
-// Forces inlining where the compiler supports it: the sparse kernels call dot and axpy once
-// per kept entry, on rows of 64 or 128 values, and inlined with a constant length each becomes
-// a few unrolled vector instructions.
-#if defined(__GNUC__) || defined(__clang__)
-#define SUS_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define SUS_ALWAYS_INLINE inline
-#endif
 
 // Calls f(dk, dv) with the row lengths of a kernel: std::integral_constant<index_t, D> for
 // both when d = d_v is one of the common head dims 64 and 128, else the run-time d and d_v.
