@@ -198,6 +198,7 @@ TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed
   using Config = sus::detail::SparseBackwardConfig;
   static_assert(16384 * (64 + 64) * 2 * sizeof(float) >= Config::two_pass_bytes, "16384 x 64: two passes");
   static_assert(48000 * (24 + 20) * 2 * sizeof(float) >= Config::two_pass_bytes, "48000 x (24, 20): two passes");
+  static_assert(11000 * (64 + 128) * 2 * sizeof(float) >= Config::two_pass_bytes, "11000 x (64, 128): two passes");
   static_assert(1100 * (64 + 64) * 2 * sizeof(float) < Config::two_pass_bytes, "1100 x 64: one fused pass");
   static_assert(1100 * (64 + 64) * 2 * sizeof(float) >= Config::pack_bytes, "1100 x 64 must be packed");
   static_assert(3100 * (24 + 20) * 2 * sizeof(float) >= Config::pack_bytes, "3100 x (24, 20) must be packed");
@@ -211,7 +212,8 @@ TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed
                           {30, 3100, 24, 20, false, "run-time dims, packed"},
                           {24, 16384, 64, 64, false, "two passes"},
                           {40, 16384, 64, 64, true, "two passes, causal"},
-                          {10, 48000, 24, 20, false, "run-time dims, two passes"}};
+                          {10, 48000, 24, 20, false, "run-time dims, two passes"},
+                          {20, 11000, 64, 128, false, "d != d_v (run-time rows, 128-long D_i), two passes"}};
   for (const Shape& sh : shapes)
     for (bool accumulate : {false, true}) check_fused_equals_composition<float>(sh, accumulate);
   // double: the register rows hold 8 lanes per vector (64: 8 vectors, 128: 16)

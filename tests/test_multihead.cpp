@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "test_util.hpp"
@@ -304,19 +305,20 @@ TEST_CASE("multihead: both SUS schedules (per group, two-pass) equal the fused s
           "[multihead]") {
   // H_q = H_kv (no group sums), so each head's dQ, dK, dV is exactly one single-head backward.
   // n = 600 with 2 and 3 threads: several row tasks, and the keys cut into several ranges.
-  // d = 16, d_v = 12 go through memory (MemoryRow), d = d_v = 64 through registers.
+  // d = 16, d_v = 12 go through memory (MemoryRow), d = d_v = 64 through registers; d = 64,
+  // d_v = 128 through memory, with D_i = dO_i·O_i over 128 values.
   using sus::detail::SparseSchedule;
   for (SparseSchedule schedule : {SparseSchedule::per_group, SparseSchedule::two_pass})
     for (int threads : {1, 2, 3})
       for (Layout layout : {Layout::bshd, Layout::bhsd})
         for (bool accumulate : {false, true})
-          for (index_t dim : {16, 64}) {
-            const index_t dim_v = dim == 16 ? 12 : 64;
+          for (std::pair<index_t, index_t> dims : {std::pair<index_t, index_t>(16, 12), {64, 64}, {64, 128}}) {
+            const index_t dim = dims.first, dim_v = dims.second;
             const Case c{"equal", layout, 2, 600, 600, 2, 2, dim, dim_v, true, TL, {}, {}, MaskKind::none};
             Problem4<float> p(c, 31);
             p.options.accumulate = accumulate;
             p.options.num_threads = threads;
-            INFO(to_string(layout) << (accumulate ? " accumulate" : "") << " threads " << threads << " d " << dim
+            INFO(to_string(layout) << (accumulate ? " accumulate" : "") << " threads " << threads << " d " << dim << "/" << dim_v
                                    << (schedule == SparseSchedule::two_pass ? " two-pass" : " per group"));
             std::fill(p.dq.begin(), p.dq.end(), 0.25f), std::fill(p.dk.begin(), p.dk.end(), -0.5f);
             std::fill(p.dv.begin(), p.dv.end(), 0.125f);
