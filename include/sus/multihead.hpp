@@ -570,6 +570,27 @@ inline SparseSchedule resolve_schedule(SparseSchedule s, index_t groups, int thr
   return threads <= 1 || groups >= 4 * index_t(threads) ? SparseSchedule::per_group : SparseSchedule::two_pass;
 }
 
+// Calls f(h, a) for the query heads h of key/value head g in sequence span sp, in ascending
+// order: a holds head h's single-head views and the group's shared K, V, dK, dV. The backward
+// tasks (sequence, key/value head) of both the SUS (per group) and the dense path.
+template <class T, class F>
+void for_group_heads(const HeadsView<const T>& Q, const HeadsView<const T>& K, const HeadsView<const T>& V,
+                     const HeadsView<const T>& O, const HeadsView<const T>& dO, const HeadsView<T>& dQ,
+                     const HeadsView<T>& dK, const HeadsView<T>& dV, const SequenceSpan& sp, index_t g, F&& f) {
+  const index_t group = Q.heads / K.heads;
+  const ConstMatrixRef<T> Kg = K.head(sp.batch, g, sp.k0, sp.n_k);
+  const ConstMatrixRef<T> Vg = V.head(sp.batch, g, sp.k0, sp.n_k);
+  MatrixRef<T> dKg = dK.head(sp.batch, g, sp.k0, sp.n_k);
+  MatrixRef<T> dVg = dV.head(sp.batch, g, sp.k0, sp.n_k);
+  for (index_t h = g * group; h < (g + 1) * group; ++h) {
+    const ConstMatrixRef<T> Qh = Q.head(sp.batch, h, sp.q0, sp.n_q);
+    const ConstMatrixRef<T> Oh = O.head(sp.batch, h, sp.q0, sp.n_q);
+    const ConstMatrixRef<T> dOh = dO.head(sp.batch, h, sp.q0, sp.n_q);
+    MatrixRef<T> dQh = dQ.head(sp.batch, h, sp.q0, sp.n_q);
+    f(h, BackwardArgs<T>{Qh, Kg, Vg, Oh, dOh, dQh, dKg, dVg});
+  }
+}
+
 template <class T>
 void sparse_multihead_per_group(const HeadsView<const T>& Q, const HeadsView<const T>& K, const HeadsView<const T>& V,
                                 const HeadsView<const T>& O, const HeadsView<const T>& dO,
@@ -588,19 +609,9 @@ void sparse_multihead_per_group(const HeadsView<const T>& Q, const HeadsView<con
   std::stable_sort(order.begin(), order.end(), [&](index_t x, index_t y) { return cost[x] > cost[y]; });
   parallel_for(n_seq * H_kv, threads, [&](index_t t, int) {
     const index_t u = order[static_cast<std::size_t>(t)], b = u / H_kv, g = u % H_kv;
-    const SequenceSpan& sp = seqs[b];
-    const ConstMatrixRef<T> Kg = K.head(sp.batch, g, sp.k0, sp.n_k);
-    const ConstMatrixRef<T> Vg = V.head(sp.batch, g, sp.k0, sp.n_k);
-    MatrixRef<T> dKg = dK.head(sp.batch, g, sp.k0, sp.n_k);
-    MatrixRef<T> dVg = dV.head(sp.batch, g, sp.k0, sp.n_k);
-    for (index_t h = g * group; h < (g + 1) * group; ++h) {
-      const ConstMatrixRef<T> Qh = Q.head(sp.batch, h, sp.q0, sp.n_q);
-      const ConstMatrixRef<T> Oh = O.head(sp.batch, h, sp.q0, sp.n_q);
-      const ConstMatrixRef<T> dOh = dO.head(sp.batch, h, sp.q0, sp.n_q);
-      MatrixRef<T> dQh = dQ.head(sp.batch, h, sp.q0, sp.n_q);
-      const BackwardArgs<T> a{Qh, Kg, Vg, Oh, dOh, dQh, dKg, dVg};
+    for_group_heads<T>(Q, K, V, O, dO, dQ, dK, dV, seqs[b], g, [&](index_t h, const BackwardArgs<T>& a) {
       sparse_backward_kernel<T>(a, state.masks[state.at(b, h)], scale, accumulate, accumulate || h > g * group);
-    }
+    });
   });
 }
 
@@ -780,20 +791,10 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
   // order; the first overwrites dK, dV (unless accumulating) and the others add to them.
   parallel_for(n_seq * H_kv, threads, [&](index_t t, int) {
     const index_t b = t / H_kv, g = t % H_kv;
-    const SequenceSpan& sp = seqs[b];
-    const ConstMatrixRef<T> Kg = K.head(sp.batch, g, sp.k0, sp.n_k);
-    const ConstMatrixRef<T> Vg = V.head(sp.batch, g, sp.k0, sp.n_k);
-    MatrixRef<T> dKg = dK.head(sp.batch, g, sp.k0, sp.n_k);
-    MatrixRef<T> dVg = dV.head(sp.batch, g, sp.k0, sp.n_k);
-    for (index_t h = g * group; h < (g + 1) * group; ++h) {
-      const ConstMatrixRef<T> Qh = Q.head(sp.batch, h, sp.q0, sp.n_q);
-      const ConstMatrixRef<T> Oh = O.head(sp.batch, h, sp.q0, sp.n_q);
-      const ConstMatrixRef<T> dOh = dO.head(sp.batch, h, sp.q0, sp.n_q);
-      MatrixRef<T> dQh = dQ.head(sp.batch, h, sp.q0, sp.n_q);
-      const BackwardArgs<T> a{Qh, Kg, Vg, Oh, dOh, dQh, dKg, dVg};
+    for_group_heads<T>(Q, K, V, O, dO, dQ, dK, dV, seqs[b], g, [&](index_t h, const BackwardArgs<T>& a) {
       dense_backward_kernel<T>(a, ConstMatrixRef<T>(state.weights[state.at(b, h)]), scale, options,
                                options.accumulate, options.accumulate || h > g * group);
-    }
+    });
   });
 }
 
