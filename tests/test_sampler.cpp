@@ -21,6 +21,12 @@
 //   sampler: RowSampler and truncated rows ............ RowSampler == sample_mask row by row, in any row
 //                                                        order; a row cut at len (zeros after) samples
 //                                                        like the full row (SusMask relies on it)
+//   sampler: the scan equals the draw written out chunk by chunk
+//                                                        RowSampler (batches of 4 chunks, paper q on the
+//                                                        fly, vector chunk statistics) == the draw
+//                                                        written out one chunk at a time, bit for bit;
+//                                                        detail::chunk_stat / chunk_stats4 ==
+//                                                        chunk_stat_portable bit for bit
 //   sampler: edge cases c=1 n=1 zero rows empty shapes  c = 1, n = 1, all-zero rows, empty shapes
 //   sampler: argument errors .......................... sus::Error for bad options and bad W
 //
@@ -31,6 +37,7 @@
 
 #include "test_util.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -782,6 +789,195 @@ void check_row_sampler() {
 TEST_CASE("sampler: RowSampler and truncated rows", "[sampler]") {
   SECTION("double") { check_row_sampler<double>(); }
   SECTION("float") { check_row_sampler<float>(); }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sampler's scan, checked against the algorithm written out entry by entry. RowSampler
+// tests chunks of 16 four at a time (a batch of 64, in vector code), passes the paper budget's
+// q = min(1, c·w) without storing it, and keeps the independent draw's skipped survival as a
+// running product L. Written out here: q from inclusion_probabilities, then one chunk at a time
+// (each chunk's stat in its one fixed order), so the batches' shortcuts (the fourth test
+// implies the first three; a batch holding a kept entry is redone chunk by chunk) and the
+// vector statistics must reproduce it bit for bit. Deterministic: no false failures.
+// ---------------------------------------------------------------------------------------------
+// Σq (systematic) or Π(1 − q) (independent) of chunk [b, e) in the sampler's order: for a full
+// chunk, lane l is q_{b+l} ∘ q_{b+8+l} and the lanes reduce as ((0∘1)∘(2∘3))∘((4∘5)∘(6∘7));
+// a shorter last chunk goes through lane_sum / lane_product.
+template <class T>
+double chunk_stat_written_out(const std::vector<T>& q, index_t b, index_t e, bool survival) {
+  const auto f = [&](index_t j) { return survival ? 1.0 - static_cast<double>(q[j]) : static_cast<double>(q[j]); };
+  if (e - b < 16)
+    return survival ? sus::detail::lane_product(b, e, f) : sus::detail::lane_sum(b, e, f);
+  double v[8];
+  for (int l = 0; l < 8; ++l) v[l] = survival ? f(b + l) * f(b + 8 + l) : f(b + l) + f(b + 8 + l);
+  return survival ? ((v[0] * v[1]) * (v[2] * v[3])) * ((v[4] * v[5]) * (v[6] * v[7]))
+                  : ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// One row drawn chunk by chunk: appends (column, W/q) of the kept entries.
+template <class T>
+void draw_row_written_out(const T* w, index_t n, const SamplerOptions& o, index_t row, std::vector<index_t>& cols,
+                          std::vector<T>& vals) {
+  std::vector<T> q(static_cast<std::size_t>(n));
+  if (sus::inclusion_probabilities(w, n, o.c, o.budget, q.data()) <= 0) return;
+  const sus::detail::Philox4x32 rng(o.seed);
+  const auto keep = [&](index_t j) {
+    cols.push_back(j);
+    vals.push_back(w[j] / q[j]);
+  };
+  if (o.draw == Draw::systematic) {
+    double point = rng.uniform2(static_cast<std::uint64_t>(row), sus::detail::kSystematicStream)[0], h = 0;
+    int left = o.c;
+    for (index_t b = 0; b < n; b += 16) {
+      const index_t e = std::min(n, b + 16);
+      const double chunk = chunk_stat_written_out(q, b, e, false);
+      if (left == 0 || point >= h + chunk) {
+        h += chunk;
+        continue;
+      }
+      for (index_t j = b; j < e; ++j) {
+        const double next = h + q[j];
+        if (point < next && left > 0) keep(j);
+        while (point < next && left > 0) {
+          point += 1.0;
+          --left;
+        }
+        h = next;
+      }
+    }
+    return;
+  }
+  std::uint64_t draws = 0;
+  std::array<double, 2> pair{};
+  const auto uniform = [&]() {
+    if ((draws & 1) == 0) pair = rng.uniform2(static_cast<std::uint64_t>(row), draws / 2);
+    return 1.0 - pair[draws++ & 1];
+  };
+  double R = uniform(), L = 1;  // the next point's level; the survival of the chunks skipped since
+  for (index_t b = 0; b < n; b += 16) {
+    const index_t e = std::min(n, b + 16);
+    const double s = chunk_stat_written_out(q, b, e, true);
+    if (s > 0 && s * L >= R) {
+      L *= s;
+      continue;
+    }
+    R /= L;
+    L = 1;
+    double P = 1;
+    for (index_t j = b; j < e; ++j) {
+      if (q[j] >= T(1)) {
+        keep(j);
+        continue;
+      }
+      P *= 1.0 - static_cast<double>(q[j]);
+      if (P < R) {
+        keep(j);
+        do R *= uniform();
+        while (P < R);
+      }
+      if (P < 1e-200) {
+        R /= P;
+        P = 1;
+      }
+    }
+    R /= P;
+  }
+}
+
+template <class T>
+void check_scan_written_out() {
+  std::int64_t rows = 0, kept = 0, mismatches = 0;
+  std::ostringstream first;
+  for (index_t n : {1, 15, 16, 17, 63, 64, 65, 100, 128, 130, 200, 1000, 4099})
+    for (double spread : {0.5, 3.0, 8.0})  // flat rows, peaked rows, rows with several q = 1
+      for (int c : {1, 4, 32})
+        for (Budget b : kBudgets)
+          for (Draw d : kDraws) {
+            Mat<double> Wd = Mat<double>::Zero(3, n);
+            set_random_row(Wd, 0, 900 + static_cast<std::uint64_t>(n), spread);
+            set_random_row(Wd, 1, 901 + static_cast<std::uint64_t>(n), spread);
+            // row 2 all zero
+            const Mat<T> W = Wd.cast<T>();
+            const SamplerOptions o = make_options(c, b, d, 17 + static_cast<std::uint64_t>(c));
+            sus::RowSampler<T> sampler(o);
+            for (index_t i = 0; i < W.rows(); ++i) {
+              std::vector<index_t> c1, c2;
+              std::vector<T> v1, v2;
+              sampler.sample(i, W.row(i).data(), n, c1, v1);
+              draw_row_written_out(W.row(i).data(), n, o, i, c2, v2);
+              const bool same = c1 == c2 && (v1.empty() || (v1.size() == v2.size() &&
+                                                             std::memcmp(v1.data(), v2.data(), v1.size() * sizeof(T)) == 0));
+              ++rows;
+              kept += static_cast<std::int64_t>(c2.size());
+              if (!same && mismatches++ == 0)
+                first << "n " << n << " spread " << spread << " c " << c << " " << sus::to_string(b) << "/"
+                      << sus::to_string(d) << " row " << i << ": kept " << c1.size() << " vs " << c2.size();
+            }
+          }
+  INFO(rows << " rows, " << kept << " kept entries; first mismatch: " << first.str());
+  CHECK(kept > 5000);  // the comparison covers many kept entries (about 9000)
+  CHECK(mismatches == 0);
+}
+
+// The vector statistics of one chunk and of four (detail::chunk_stat, chunk_stats4) against the
+// scalar loops (chunk_stat_portable, which other compilers use), bit for bit, for q read from an
+// array and computed from w, on chunks with q = 0 and q = 1 entries; and Σq in the lanes.
+template <class T>
+void check_chunk_stats_portable() {
+  using sus::detail::ChunkStat;
+  const index_t n = 4 * 64;
+  std::vector<T> w(static_cast<std::size_t>(n)), q(static_cast<std::size_t>(n));
+  std::mt19937_64 gen(5);
+  std::uniform_real_distribution<double> u(0, 1);
+  for (index_t j = 0; j < n; ++j) {
+    const double x = u(gen);
+    w[j] = static_cast<T>(x < 0.1 ? 0.0 : x < 0.15 ? 0.5 : x * x * x * 0.02);  // zeros, q = 1 at c = 4, small
+  }
+  const sus::detail::PaperQ<T> paper{w.data(), T(4)};
+  for (index_t j = 0; j < n; ++j) q[j] = paper(j);
+  const sus::detail::ArrayQ<T> array{q.data()};
+  const auto bits = [](double x) {
+    std::uint64_t b;
+    std::memcpy(&b, &x, sizeof b);
+    return b;
+  };
+  const auto check_source = [&](const auto& src, const char* name) {
+    for (bool survival : {false, true}) {
+      INFO(name << (survival ? ", survival" : ", sum"));
+      sus::detail::RowLanes lanes{}, lanes4{};
+      std::array<double, 8> portable{};
+      for (index_t b = 0; b < n; b += 64) {
+        double four[4];
+        if (survival) sus::detail::chunk_stats4<ChunkStat::survival>(src, b, lanes4, four);
+        else sus::detail::chunk_stats4<ChunkStat::sum>(src, b, lanes4, four);
+        for (int k = 0; k < 4; ++k) {
+          const index_t cb = b + 16 * k;
+          const double one = survival ? sus::detail::chunk_stat<ChunkStat::survival>(src, cb, lanes)
+                                      : sus::detail::chunk_stat<ChunkStat::sum>(src, cb, lanes);
+          const double ref = survival ? sus::detail::chunk_stat_portable<ChunkStat::survival>(src, cb, portable)
+                                      : sus::detail::chunk_stat_portable<ChunkStat::sum>(src, cb, portable);
+          CAPTURE(cb, one, four[k], ref);
+          CHECK(bits(one) == bits(ref));
+          CHECK(bits(four[k]) == bits(ref));
+          CHECK(ref == chunk_stat_written_out(q, cb, cb + 16, survival));
+        }
+      }
+      // Σq rides along in no fixed order: all three within rounding of the exact sum
+      const double exact = sus::detail::lane_sum(0, n, [&](index_t j) { return static_cast<double>(q[j]); });
+      for (double total : {sus::detail::lanes_total(lanes), sus::detail::lanes_total(lanes4),
+                           sus::detail::lanes_total(portable)})
+        CHECK(std::abs(total - exact) <= 1e-12 * exact);
+    }
+  };
+  check_source(paper, "q = min(1, c·w)");
+  check_source(array, "q from an array");
+}
+
+TEST_CASE("sampler: the scan equals the draw written out chunk by chunk", "[sampler]") {
+  SECTION("double") { check_scan_written_out<double>(); }
+  SECTION("float") { check_scan_written_out<float>(); }
+  SECTION("chunk statistics: vector == scalar, double") { check_chunk_stats_portable<double>(); }
+  SECTION("chunk statistics: vector == scalar, float") { check_chunk_stats_portable<float>(); }
 }
 
 // ---------------------------------------------------------------------------------------------

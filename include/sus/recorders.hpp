@@ -63,6 +63,12 @@ class SusMask {
   void begin(index_t n_q, index_t n_k) {
     staged_cols_.clear();
     staged_vals_.clear();
+    // About c entries per row (at most c for the systematic draw): reserving them up front
+    // saves the reallocations (and their copies) of growing by doubling.
+    const auto expected = static_cast<std::size_t>(n_q) * static_cast<std::size_t>(
+                                                              std::min<index_t>(sampler_.options().c, n_k));
+    staged_cols_.reserve(expected);
+    staged_vals_.reserve(expected);
     start_.assign(static_cast<std::size_t>(n_q), -1);
     count_.assign(static_cast<std::size_t>(n_q), 0);
     in_order_ = true;

@@ -54,8 +54,7 @@ SUS_ALWAYS_INLINE T dot_portable(const T* a, const T* b, index_t n) {
   return acc[0] + tail;
 }
 
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-#define SUS_VECTOR_EXTENSIONS 1
+#if defined(SUS_VECTOR_EXTENSIONS)
 // The lanes as a compiler vector (GCC/Clang vector extensions: no intrinsics, any target; the
 // compiler uses the widest registers the target has). Each halving step of the tree is one
 // vector add of the two halves (__builtin_shufflevector), so the accumulator never goes through

@@ -17,8 +17,18 @@
 // of 16 weights.
 #if defined(__GNUC__) || defined(__clang__)
 #define SUS_ALWAYS_INLINE inline __attribute__((always_inline))
+#define SUS_NOINLINE __attribute__((noinline))
 #else
 #define SUS_ALWAYS_INLINE inline
+#define SUS_NOINLINE
+#endif
+
+// GCC >= 12 and Clang: the kernels' fixed-order lane arithmetic is written with vector
+// extensions (vector_size types, __builtin_shufflevector, __builtin_convertvector), which the
+// compiler maps onto the target's widest registers. Other compilers get scalar loops with the
+// same order of operations (same bits; each pair is tested).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SUS_VECTOR_EXTENSIONS 1
 #endif
 
 namespace sus {
