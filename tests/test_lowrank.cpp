@@ -217,4 +217,17 @@ TEST_CASE("lowrank rejects bad degree, lse and oversized states with sus::Error 
   odd.degree = 1;
   CHECK_THAT(error_message([&] { sus::lowrank::attention_forward<double>(Qn, Kn, Vn, O, {}, odd); }),
              Catch::Contains("row 0") && Catch::Contains("normaliser") && Catch::Contains("not positive"));
+  // The reference forward checks its arguments as the fast one does, and reports the same row.
+  CHECK_THAT(error_message([&] { sus::lowrank::reference::attention_forward<double>(Qn, Kn, Vn, O, {}, odd); }),
+             Catch::Contains("lowrank::reference::attention_forward") && Catch::Contains("row 0") &&
+                 Catch::Contains("not positive"));
+  const M<double> K_bad = random_matrix<double>(6, 3, 5);  // d = 3, Q has d = 2
+  CHECK_THAT(error_message([&] { sus::lowrank::reference::attention_forward<double>(Qn, K_bad, Vn, O); }),
+             Catch::Contains("argument 'K' has shape 6x3") && Catch::Contains("expected 6x2"));
+  M<double> O_bad(5, 2);
+  CHECK_THAT(error_message([&] { sus::lowrank::reference::attention_forward<double>(Qn, Kn, Vn, O_bad); }),
+             Catch::Contains("argument 'O' has shape 5x2") && Catch::Contains("expected 6x2"));
+  lo.degree = -1;
+  CHECK_THAT(error_message([&] { sus::lowrank::reference::attention_forward<double>(Qn, Kn, Vn, O, {}, lo); }),
+             Catch::Contains("options.degree = -1"));
 }

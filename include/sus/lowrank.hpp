@@ -396,8 +396,9 @@ void attention_forward(const sus::detail::nodeduce_t<ConstMatrixRef<T>>& Q,
                        const sus::detail::nodeduce_t<ConstMatrixRef<T>>& V, sus::detail::nodeduce_t<MatrixRef<T>> O,
                        const AttentionOptions& options = {}, const Options& lowrank = {}) {
   constexpr const char* fn = "lowrank::reference::attention_forward";
+  sus::detail::check_forward_args<T>(fn, Q, K, V, O, options);  // the checks of the fast forward
+  detail::check_lowrank<T>(fn, Q, K, V.cols(), nullptr, options, lowrank);
   const index_t n_q = Q.rows(), n_k = K.rows();
-  sus::detail::check_shape(fn, "O", O, n_q, V.cols(), "n_q x d_v");
   const T s = static_cast<T>(sus::detail::resolve_scale(fn, options, Q.cols()));
   for (index_t i = 0; i < n_q; ++i) {
     const index_t len = sus::detail::visible_keys(i, n_q, n_k, options);
@@ -408,7 +409,11 @@ void attention_forward(const sus::detail::nodeduce_t<ConstMatrixRef<T>>& Q,
       O.row(i) += w * V.row(j);
       den += w;
     }
-    if (len > 0) O.row(i) /= den;
+    if (len == 0) continue;
+    if (!(den > T(0)) || !std::isfinite(static_cast<double>(den)))
+      fail(fn, "row ", i, " of Q ", shape(n_q, Q.cols()), ": the degree-", lowrank.degree,
+           " normaliser Σ_j T_g(s·q·k) = ", den, " is not positive and finite");
+    O.row(i) /= den;
   }
 }
 
