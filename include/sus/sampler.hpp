@@ -201,6 +201,8 @@ enum class ChunkStat { sum, survival };
 // vector and scalar versions below give the same bits. The row's Σq rides along in 8 lanes in
 // no fixed order: it only decides, with a margin for rounding, whether q is min(1, c·w)
 // (RowSampler::sample).
+// Entries per chunk: small enough that most chunks hold no point (a row of n entries has ~c
+// points, so ~c chunks are walked entry by entry), large enough to amortise the test.
 constexpr index_t kSamplerChunk = 16;
 constexpr index_t kSamplerBatch = 4 * kSamplerChunk;
 
@@ -452,16 +454,12 @@ class RowSampler {
   }
 
  private:
-  // Entries per chunk test: small enough that most chunks hold no point (a row of n entries
-  // has ~c points, so ~c chunks are walked entry by entry), large enough to amortise the test.
-  static constexpr index_t kChunk = detail::kSamplerChunk;
-
   static void keep(index_t j, const T* w, T qj, std::vector<index_t>& cols, std::vector<T>& vals) {
     cols.push_back(j);
     vals.push_back(w[j] / qj);
   }
 
-  // Draws the row; returns Σ_j q_j (lane_sum's order).
+  // Draws the row; returns Σ_j q_j (summed in no fixed order, see detail::scan_chunks).
   template <class Q>
   double draw(index_t row, const Q& q, const T* w, index_t n, std::vector<index_t>& cols, std::vector<T>& vals) {
     return opt_.draw == Draw::systematic ? sample_systematic(row, q, w, n, cols, vals)
