@@ -480,6 +480,39 @@ TEMPLATE_TEST_CASE("errors: W must be finite, >= 0, rows summing to 1 within tol
   }
 }
 
+// The W check's one-pass fast path (detail::row_sum_min: vector code in blocks of 16 where AVX is
+// there, then a scalar tail) must see a bad entry wherever it sits in a long row: in every lane
+// of a block, in the tail, in rows shorter than a block. Row 1 of a 2 x n W is uniform (1/n)
+// with entry k replaced by NaN, +inf, −inf or −1/n (entry k + 1 raised by 2/n, so the row still
+// sums to 1 and only the minimum can catch it); the message must name entry (1, k).
+TEMPLATE_TEST_CASE("errors: a bad W entry is found at every position of rows of any length", "[errors]", float,
+                   double) {
+  using T = TestType;
+  const T nan = std::numeric_limits<T>::quiet_NaN(), inf = std::numeric_limits<T>::infinity();
+  sus::SamplerOptions so;
+  so.c = 2;
+  for (index_t n : {2, 15, 16, 17, 33, 50}) {
+    sus::Matrix<T> W = sus::Matrix<T>::Constant(2, n, T(1) / T(n));
+    CHECK_NOTHROW(sus::sample_mask(W, so));
+    double sum = 0;
+    T lowest = 0;
+    sus::detail::row_sum_min(W.row(1).data(), n, sum, lowest);
+    CHECK(std::abs(sum - 1.0) < 1e-6);
+    CHECK(lowest == T(0));
+    for (index_t k = 0; k + 1 < n; ++k) {
+      for (int kind = 0; kind < 4; ++kind) {
+        sus::Matrix<T> bad = W;
+        const T value[] = {nan, inf, -inf, -T(1) / T(n)};
+        bad(1, k) = value[kind];
+        if (kind == 3) bad(1, k + 1) = T(3) / T(n);
+        INFO("n = " << n << ", entry " << k << " = " << bad(1, k));
+        CHECK_THAT(error_message([&] { sus::sample_mask(bad, so); }),
+                   Contains("'W'") && Contains("entry (1, " + std::to_string(k) + ")"));
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Outputs sharing memory with inputs or with each other: the kernels write while reading.
 // delta: offset of the output's first element from the input's first element (elements).

@@ -542,6 +542,45 @@ class RowSampler {
 
 namespace detail {
 
+// Σ_j w_j in double (in no fixed order) and min(0, min_j w_j), in one pass over the row: the
+// fast path of check_weights. A NaN entry makes the sum NaN; ±inf makes it non-finite.
+template <class T>
+SUS_ALWAYS_INLINE void row_sum_min(const T* w, index_t n, double& sum, T& lowest) {
+  index_t j = 0;
+  double s = 0;
+  T lo = 0;
+#if defined(SUS_VECTOR_EXTENSIONS)
+  // Compiler vectors of 4 values: GCC leaves the scalar form (a lane_sum of converted values,
+  // then a min loop) unvectorised. Measured on a W of 8192 x 8192, float: 46 -> 9.8 ms with
+  // -march=native (AVX-512), 43 -> 15 ms for generic x86-64. (Vectors of 8 values were slower
+  // than the scalar form on generic x86-64.)
+  typedef T v4 __attribute__((vector_size(4 * sizeof(T))));
+  f64x4 acc[4] = {};
+  v4 m[4] = {};
+  for (; j + 16 <= n; j += 16)
+    for (int k = 0; k < 4; ++k) {
+      v4 x;
+      std::memcpy(&x, w + j + 4 * k, sizeof x);
+      m[k] = x < m[k] ? x : m[k];  // std::min(m, x), lane by lane
+      acc[k] += __builtin_convertvector(x, f64x4);
+    }
+  for (int k = 1; k < 4; ++k) {
+    acc[0] += acc[k];
+    m[0] = m[k] < m[0] ? m[k] : m[0];
+  }
+  for (int l = 0; l < 4; ++l) {
+    s += acc[0][l];
+    lo = std::min(lo, m[0][l]);
+  }
+#endif
+  for (; j < n; ++j) {
+    s += static_cast<double>(w[j]);
+    lo = std::min(lo, w[j]);
+  }
+  sum = s;
+  lowest = lo;
+}
+
 // Checks that W is a matrix of recorded softmax weights: finite, ≥ 0, and each row either
 // sums to 1 (within row_sum_tolerance<T>()) or is all zero (a fully masked row).
 template <class T>
@@ -549,10 +588,10 @@ void check_weights(const char* fn, const char* arg, const ConstMatrixRef<T>& W) 
   for (index_t i = 0; i < W.rows(); ++i) {
     const T* w = W.row(i).data();
     const index_t n = W.cols();
-    // Fast path (vectorised): a finite sum and a non-negative minimum imply finite, ≥ 0 entries.
-    const double sum = lane_sum(0, n, [&](index_t j) { return static_cast<double>(w[j]); });
-    T lowest = 0;
-    for (index_t j = 0; j < n; ++j) lowest = std::min(lowest, w[j]);
+    // Fast path: a finite sum and a non-negative minimum imply finite, ≥ 0 entries.
+    double sum;
+    T lowest;
+    row_sum_min(w, n, sum, lowest);
     if (!std::isfinite(sum) || lowest < T(0)) {
       for (index_t j = 0; j < n; ++j)
         if (!(w[j] >= T(0)) || !std::isfinite(static_cast<double>(w[j])))
