@@ -185,35 +185,49 @@ void check_fused_equals_composition(const Shape& sh, bool accumulate) {
   CHECK(fused.dK == composed.dK);
   CHECK(fused.dV == composed.dV);
   CAPTURE((fused.dK - composed.dK).cwiseAbs().maxCoeff());
+  // The key-blocked kernel with any block size (one key; a block that does not divide n_k;
+  // all keys in one block): the same bits, whichever path the public call took on this machine.
+  for (index_t block : {index_t(1), index_t(7), index_t(64), n_k}) {
+    INFO("block_keys=" << block);
+    Grads<T> blocked(p);
+    blocked.dQ = random_matrix<T>(n_q, d, 1);
+    blocked.dK = random_matrix<T>(n_k, d, 2);
+    blocked.dV = random_matrix<T>(n_k, d_v, 3);
+    const sus::ConstMatrixRef<T> Q(p.Q), K(p.K), V(p.V), O(p.O), dO(p.dO);
+    sus::MatrixRef<T> dQ(blocked.dQ), dK(blocked.dK), dV(blocked.dV);
+    sus::detail::sparse_backward_blocked<T>({Q, K, V, O, dO, dQ, dK, dV}, mask, s, accumulate, accumulate, block);
+    CHECK(blocked.dQ == composed.dQ);
+    CHECK(blocked.dK == composed.dK);
+    CHECK(blocked.dV == composed.dV);
+  }
 }
 }  // namespace
 
 TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed SpMM", "[backward][sparse]") {
   // d = d_v = 64 or 128 take the kernel's compile-time-length path (Q_i, dO_i and the dQ_i
   // accumulator in registers where the compiler has vector extensions); (24, 20) the run-time
-  // one. With n_k = 1100 keys, d = 64 (K, V, dK, dV: 1.1 MB), or 3100, (24, 20), the kernel packs
-  // contiguous K, V and gathers dK, dV in its workspace (SparseBackwardConfig::pack_bytes);
-  // below that it works in place. With n_k = 16384, d = 64, or 48000, (24, 20), it runs in two
-  // passes, rows then keys (SparseBackwardConfig::two_pass_bytes).
+  // one. A head whose K, V, dK, dV fit one key block (key_block_bytes(): 256 KiB to 8 MiB,
+  // from the L2 size) runs in place; a larger one (n_k = 16384 at d = 64, 48000 at (24, 20),
+  // 11000 at (64, 128): over 8 MiB on any machine) by key blocks. The shapes between (1100 at
+  // d = 64, 3100 at (24, 20)) take either path depending on the machine's L2, and every shape
+  // also runs the blocked kernel with block sizes 1, 7, 64 and n_k.
   using Config = sus::detail::SparseBackwardConfig;
-  static_assert(16384 * (64 + 64) * 2 * sizeof(float) >= Config::two_pass_bytes, "16384 x 64: two passes");
-  static_assert(48000 * (24 + 20) * 2 * sizeof(float) >= Config::two_pass_bytes, "48000 x (24, 20): two passes");
-  static_assert(11000 * (64 + 128) * 2 * sizeof(float) >= Config::two_pass_bytes, "11000 x (64, 128): two passes");
-  static_assert(1100 * (64 + 64) * 2 * sizeof(float) < Config::two_pass_bytes, "1100 x 64: one fused pass");
-  static_assert(1100 * (64 + 64) * 2 * sizeof(float) >= Config::pack_bytes, "1100 x 64 must be packed");
-  static_assert(3100 * (24 + 20) * 2 * sizeof(float) >= Config::pack_bytes, "3100 x (24, 20) must be packed");
-  static_assert(170 * (64 + 64) * 2 * sizeof(float) < Config::pack_bytes, "170 x 64 must work in place");
-  static_assert(170 * (128 + 128) * 2 * sizeof(double) < Config::pack_bytes, "170 x 128 must work in place");
+  static_assert(16384 * (64 + 64) * 2 * sizeof(float) > Config::max_block_bytes, "16384 x 64: key blocks");
+  static_assert(48000 * (24 + 20) * 2 * sizeof(float) > Config::max_block_bytes, "48000 x (24, 20): key blocks");
+  static_assert(11000 * (64 + 128) * 2 * sizeof(float) > Config::max_block_bytes, "11000 x (64, 128): key blocks");
+  static_assert(170 * (64 + 64) * 2 * sizeof(float) <= Config::min_block_bytes, "170 x 64 must work in place");
+  // 170 x 128 (348 KiB in float, 696 KiB in double) runs in place where key_block_bytes() is
+  // at least that (an L2 of 512 KiB, or 1 MiB for double) and by key blocks otherwise.
   const Shape shapes[] = {{150, 170, 24, 20, false, "run-time dims, in place"},
                           {150, 170, 64, 64, false, "compile-time dims, in place"},
-                          {90, 170, 128, 128, true, "compile-time dims 128, in place, causal"},
-                          {40, 1100, 64, 64, false, "packed"},
-                          {1100, 1100, 64, 64, true, "packed, causal"},
-                          {30, 3100, 24, 20, false, "run-time dims, packed"},
-                          {24, 16384, 64, 64, false, "two passes"},
-                          {40, 16384, 64, 64, true, "two passes, causal"},
-                          {10, 48000, 24, 20, false, "run-time dims, two passes"},
-                          {20, 11000, 64, 128, false, "d != d_v (run-time rows, 128-long D_i), two passes"}};
+                          {90, 170, 128, 128, true, "compile-time dims 128, in place (L2 >= 512 KiB), causal"},
+                          {40, 1100, 64, 64, false, "in place or blocked (L2)"},
+                          {1100, 1100, 64, 64, true, "in place or blocked (L2), causal"},
+                          {30, 3100, 24, 20, false, "run-time dims, in place or blocked (L2)"},
+                          {24, 16384, 64, 64, false, "key blocks"},
+                          {40, 16384, 64, 64, true, "key blocks, causal"},
+                          {10, 48000, 24, 20, false, "run-time dims, key blocks"},
+                          {20, 11000, 64, 128, false, "d != d_v (run-time rows, 128-long D_i), key blocks"}};
   for (const Shape& sh : shapes)
     for (bool accumulate : {false, true}) check_fused_equals_composition<float>(sh, accumulate);
   // double: the register rows hold 8 lanes per vector (64: 8 vectors, 128: 16)

@@ -18,6 +18,7 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 #include "csr.hpp"
@@ -37,17 +38,20 @@ struct SparseBackwardConfig {
   // Query rows per rows-pass task of the two-pass threaded backward.
   static constexpr index_t task_rows = 256;
   static_assert(task_rows > 0, "SparseBackwardConfig::task_rows must be positive");
-  // Rows gathered at random (K, V, gK, gV: n_k·(d + d_v)·2 values) of this many bytes or more
-  // are worth copying into the per-thread workspace (thread_workspace), which sits on huge
-  // pages where the OS grants them: K, V are packed and gK, gV accumulated there even when the
-  // caller's buffers are contiguous. Below it, the rows stay within reach of the TLB as they are.
-  static constexpr index_t pack_bytes = index_t(1) << 20;
-  // Heads whose K, V, gK, gV take this many bytes or more (n_k·(d + d_v)·2 values) run the
-  // single-head backward in two passes (rows, then keys: sparse_backward_rows / _keys), each
-  // of which touches half of those rows: one pass over all four thrashes the last-level cache
-  // (measured, one thread, n = 16384, d = 64, c = 32: 24–28 ms fused, 18–19 ms in two
-  // passes; at n = 8192, 8 MiB, the two are within the noise).
-  static constexpr index_t two_pass_bytes = index_t(16) << 20;
+  // Key blocks of the fused kernel. Every kept entry reads 16 cache lines at d = 64 (K_j, V_j,
+  // gK_j, gV_j), gathered at random, so where those rows come from sets the kernel's speed.
+  // A head whose rows (n_k·(d + d_v)·2 values) fit in one block runs in place, in one pass
+  // over the query rows; a larger one, or a strided one, runs by key blocks
+  // (sparse_backward_blocked) of at most key_block_bytes() of packed rows each, so that a
+  // block stays in a core's L2 cache while every query row adds its entries of the block.
+  // key_block_bytes() is l2_fraction of the L2 cache the OS reports (sysconf), else
+  // default_block_bytes. Measured: docs/method.md.
+  static constexpr double l2_fraction = 0.75;
+  static constexpr index_t default_block_bytes = index_t(768) << 10;
+  static constexpr index_t min_block_bytes = index_t(256) << 10;
+  static constexpr index_t max_block_bytes = index_t(8) << 20;
+  static_assert(default_block_bytes >= min_block_bytes && default_block_bytes <= max_block_bytes,
+                "SparseBackwardConfig::default_block_bytes must lie in [min_block_bytes, max_block_bytes]");
   // Kept entries of a row whose dS are computed before their axpys (fused kernel).
   static constexpr index_t chunk = 64;
   static_assert(chunk > 0, "SparseBackwardConfig::chunk must be positive");
@@ -66,9 +70,29 @@ inline void prefetch(const void* p, index_t bytes, bool write) {
 #endif
 }
 
+// Bytes of packed key rows per block of the fused sparse backward (SparseBackwardConfig):
+// l2_fraction of the L2 cache where the OS reports its size, else default_block_bytes;
+// clamped to [min_block_bytes, max_block_bytes]. Read once. The block size changes the
+// speed only, never the bits.
+inline index_t key_block_bytes() {
+  using C = SparseBackwardConfig;
+  static const index_t bytes = [] {
+    long l2 = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    const index_t b = l2 > 0 ? static_cast<index_t>(C::l2_fraction * static_cast<double>(l2)) : C::default_block_bytes;
+    return std::min(C::max_block_bytes, std::max(C::min_block_bytes, b));
+  }();
+  return bytes;
+}
+
 struct DenseBackwardConfig {
-  // Query rows per block: dP and dS exist only for one block (row_block x n_k).
-  static constexpr index_t row_block = 256;
+  // Query rows per block: dP and dS exist only for one block (row_block x n_k). Measured, one
+  // thread, float, d = 64 (median of 7–15 calls, the sizes interleaved): 128 rows beat 256 by
+  // 4–9% at n = 2048, 4096 and 8192 (and at n = 4096, d = 128); 64 and 512 were no better
+  // (the 128 x n_k blocks of W and dS, 4 MiB at n = 8192, stay in the last-level cache).
+  static constexpr index_t row_block = 128;
   static_assert(row_block > 0, "DenseBackwardConfig::row_block must be positive");
 };
 
@@ -256,9 +280,10 @@ struct MemoryRow {
   T* acc;
   DK dk;
   DV dv;
-  SUS_ALWAYS_INLINE MemoryRow(const T* q_i, const T* dO_i, T* acc_i, DK dk_, DV dv_)
+  // resume: go on accumulating into acc_i (a row's later key block), instead of zeroing it.
+  SUS_ALWAYS_INLINE MemoryRow(const T* q_i, const T* dO_i, T* acc_i, DK dk_, DV dv_, bool resume = false)
       : q(q_i), dO(dO_i), acc(acc_i), dk(dk_), dv(dv_) {
-    std::fill(acc, acc + dk, T(0));
+    if (!resume) std::fill(acc, acc + dk, T(0));
   }
   SUS_ALWAYS_INLINE T dot_dO(const T* v) const { return dot(dO, v, dv); }
   SUS_ALWAYS_INLINE void add_k(T ds, const T* k) { axpy(ds, k, acc, dk); }
@@ -326,9 +351,10 @@ template <class T, index_t Dim>
 struct RegisterRow {
   Registers<T, Dim> q, dO, acc;
   template <class DK, class DV>
-  SUS_ALWAYS_INLINE RegisterRow(const T* q_i, const T* dO_i, T*, DK, DV) : acc{} {
+  SUS_ALWAYS_INLINE RegisterRow(const T* q_i, const T* dO_i, T* acc_i, DK, DV, bool resume = false) : acc{} {
     q.load(q_i);
     dO.load(dO_i);
+    if (resume) acc.load(acc_i);
   }
   SUS_ALWAYS_INLINE T dot_dO(const T* v) const { return dO.dot(v); }
   SUS_ALWAYS_INLINE void add_k(T ds, const T* k) { acc.add(ds, k); }
@@ -359,8 +385,7 @@ using SparseRow = MemoryRow<T, DK, DV>;
 #endif
 
 // The same SUS backward split in two passes that can each run in parallel. The multi-head
-// path uses it when it has too few heads to keep every thread busy with one head each, and
-// sparse_backward_kernel for a head too large for one pass (two_pass_bytes):
+// path uses it when it has too few heads to keep every thread busy with one head each:
 //   rows pass, any split of the rows:  dQ_i as in the fused kernel, and each dS_ij stored at
 //                                      its position p in the mask (dS[p]);
 //   keys pass, any split of the keys:  gK_j += dS_ij Q_i, gV_j += W̃_ij dO_i for the keys of
@@ -448,132 +473,168 @@ void sparse_backward_keys(const BackwardArgs<T>& a, const Csr<T>& mask, const T*
   }
 }
 
-// The fused SUS backward: one pass over the mask rows. For row i and each kept (i, j):
+// Kept entries [p0, p1) of query row i for the fused kernels, whose row state `row` (Q_i,
+// dO_i, the dQ_i accumulator) the caller holds. at(j) gives the rows of key j: at(j).k = K_j,
+// .v = V_j, .gk = gK_j, .gv = gV_j. The entries go in chunks of up to `chunk`, each in two
+// phases: first every dS_ij of the chunk (independent dot products, so their latencies
+// overlap), then the three axpys of each entry. Every sum still receives its terms in the
+// same order, so the bits are those of the one-entry-at-a-time loop. V_j is prefetched for
+// entries up to v_ahead_end (the caller's next rows too), K_j, gK_j, gV_j within the chunk.
+template <class T>
+struct KeyRows {
+  const T* k;
+  const T* v;
+  T* gk;
+  T* gv;
+};
+template <class T, class Row, class At>
+SUS_ALWAYS_INLINE void fused_entries(Row& row, T D_i, const index_t* col, const T* val, index_t p0, index_t p1,
+                                     index_t v_ahead_end, index_t k_bytes, index_t v_bytes, const At& at) {
+  constexpr index_t ahead = SparseBackwardConfig::prefetch_distance, chunk = SparseBackwardConfig::chunk;
+  T dS[chunk];
+  for (index_t c0 = p0; c0 < p1; c0 += chunk) {
+    const index_t c1 = std::min(c0 + chunk, p1);
+    // dS_ij = W̃_ij (dO_i · V_j − D_i)
+    for (index_t p = c0; p < c1; ++p) {
+      if (ahead > 0 && p + ahead < v_ahead_end) prefetch(at(col[p + ahead]).v, v_bytes, false);
+      dS[p - c0] = val[p] * (row.dot_dO(at(col[p]).v) - D_i);
+    }
+    // acc_i += dS_ij K_j,  gK_j += dS_ij Q_i,  gV_j += W̃_ij dO_i
+    for (index_t p = c0; p < c1; ++p) {
+      if (ahead > 0 && p + ahead < c1) {
+        const KeyRows<T> next = at(col[p + ahead]);
+        prefetch(next.k, k_bytes, false);
+        prefetch(next.gk, k_bytes, true);
+        prefetch(next.gv, v_bytes, true);
+      }
+      const KeyRows<T> r = at(col[p]);
+      row.update(dS[p - c0], val[p], r.k, r.gk, r.gv);
+    }
+  }
+}
+
+// The fused SUS backward. For row i and each kept (i, j):
 //   dP_ij = dO_i · V_j                      (SDDMM)
 //   dS_ij = W̃_ij (dP_ij − D_i)
 //   acc_i += dS_ij K_j                      (SpMM, dQ_i = s·acc_i)
 //   gK_j  += dS_ij Q_i,  gV_j += W̃_ij dO_i  (transposed SpMMs, dK = s·gK, dV = gV)
-// Rows are visited in ascending order, so each gK_j / gV_j receives its terms in ascending i:
-// the same order, and the same operations, as the gather through the transposed mask
-// (sparse::spmm_transposed). The result is deterministic and bitwise equal to the composition
-// of the sparse primitives (tested).
+// Each gK_j / gV_j receives its terms in ascending i and each acc_i in ascending j: the same
+// order, and the same operations, as the composition of the sparse primitives (SDDMM, SpMM,
+// and the transposed SpMMs' gather through the transposed mask, sparse::spmm_transposed).
+// The result is deterministic and bitwise equal to that composition (tested).
 // acc_q / acc_kv: add into dQ / into dK and dV, instead of overwriting (grouped-query heads
-// add their dK, dV into one shared key/value head). A head of two_pass_bytes or more goes
-// through the two passes above instead (same bits).
+// add their dK, dV into one shared key/value head).
+//
+// A head whose K, V, dK, dV fit in one key block (key_block_bytes()), contiguous and not
+// accumulating into dK, dV, runs in place: one pass over the rows. Any other goes through
+// sparse_backward_blocked below.
+template <class T>
+void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv,
+                             index_t block_keys);
+
 template <class T>
 void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv) {
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
-  if (n_k * (d + d_v) * 2 * index_t(sizeof(T)) >= SparseBackwardConfig::two_pass_bytes) {
-    // Two passes (same bits): dS and K, V packed in workspace slot 1; the keys pass uses slot 0.
-    T* ws = thread_workspace<T, 1>(mask.nnz() + n_k * (d + d_v));
-    using Strided = Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>;  // K_j, V_j side by side
-    Strided Kp(ws + mask.nnz(), n_k, d, Eigen::OuterStride<>(d + d_v));
-    Strided Vp(ws + mask.nnz() + d, n_k, d_v, Eigen::OuterStride<>(d + d_v));
-    Kp = a.K;
-    Vp = a.V;
-    const ConstMatrixRef<T> K(Kp), V(Vp);
-    const BackwardArgs<T> packed{a.Q, K, V, a.O, a.dO, a.dQ, a.dK, a.dV};
-    sparse_backward_rows<T>(packed, mask, ws, nullptr, 0, s, acc_q, 0, n_q);
-    sparse_backward_keys<T>(packed, mask, ws, s, acc_kv, 0, n_k);
+  const bool big = n_k * (d + d_v) * 2 * index_t(sizeof(T)) > key_block_bytes();
+  if (big || acc_kv || !rows_contiguous(a.K) || !rows_contiguous(a.V) || !rows_contiguous(a.dK) ||
+      !rows_contiguous(a.dV)) {
+    const index_t row_bytes = 2 * (d + d_v) * index_t(sizeof(T));  // packed K_j, V_j, gK_j, gV_j
+    sparse_backward_blocked<T>(a, mask, s, acc_q, acc_kv, std::max<index_t>(1, key_block_bytes() / row_bytes));
     return;
   }
+  // In place: gK, gV (the unscaled transposed sums) are accumulated straight in dK, dV.
   // D_i = dO_i · O_i
   const Vector<T> D = row_dot<T>(a.dO, a.O);
-  // K, V are gathered at random: strided views, and every large head (pack_bytes), are packed
-  // first (O(n_k·d), against the O(nnz·d) gathers). Packing moves data only; the arithmetic,
-  // and so the bits, are unchanged. gK, gV: the unscaled transposed sums, scattered at random
-  // like K, V are gathered. Written straight into dK, dV when those are contiguous, overwritten
-  // and small; otherwise into contiguous temporaries, copied (or added) at the end. Packed
-  // copies and temporaries live in the per-thread workspace, reused across calls (fresh
-  // allocations of this size would be returned to the OS and page-faulted back in on every
-  // call) and on huge pages where the OS grants them.
-  const bool big = n_k * (d + d_v) * 2 * index_t(sizeof(T)) >= SparseBackwardConfig::pack_bytes;
-  const bool pack_k = big || !rows_contiguous(a.K), pack_v = big || !rows_contiguous(a.V);
-  const bool direct_k = !big && !acc_kv && rows_contiguous(a.dK);
-  const bool direct_v = !big && !acc_kv && rows_contiguous(a.dV);
-  T* ws = thread_workspace<T>((pack_k ? n_k * d : 0) + (pack_v ? n_k * d_v : 0) + (direct_k ? 0 : n_k * d) +
-                              (direct_v ? 0 : n_k * d_v));
-  using RowMajorMap = Eigen::Map<Matrix<T>>;
-  auto carve = [&](index_t cols) {
-    T* p = ws;
-    ws += n_k * cols;
-    return p;
+  a.dK.setZero();
+  a.dV.setZero();
+  const auto at = [&](index_t j) {
+    return KeyRows<T>{a.K.row(j).data(), a.V.row(j).data(), a.dK.row(j).data(), a.dV.row(j).data()};
   };
-  const T* K_base = a.K.data();
-  const T* V_base = a.V.data();
-  index_t K_stride = a.K.outerStride(), V_stride = a.V.outerStride();
-  if (pack_k) {
-    T* p = carve(d);
-    RowMajorMap(p, n_k, d) = a.K;
-    K_base = p, K_stride = d;
-  }
-  if (pack_v) {
-    T* p = carve(d_v);
-    RowMajorMap(p, n_k, d_v) = a.V;
-    V_base = p, V_stride = d_v;
-  }
-  T* gK_base = a.dK.data();
-  T* gV_base = a.dV.data();
-  index_t gK_stride = a.dK.outerStride(), gV_stride = a.dV.outerStride();
-  if (direct_k) a.dK.setZero();
-  else gK_base = carve(d), gK_stride = d, std::fill(gK_base, gK_base + n_k * d, T(0));
-  if (direct_v) a.dV.setZero();
-  else gV_base = carve(d_v), gV_stride = d_v, std::fill(gV_base, gV_base + n_k * d_v, T(0));
-  auto K_row = [&](index_t j) { return K_base + j * K_stride; };
-  auto V_row = [&](index_t j) { return V_base + j * V_stride; };
-  auto gK_row = [&](index_t j) { return gK_base + j * gK_stride; };
-  auto gV_row = [&](index_t j) { return gV_base + j * gV_stride; };
   Eigen::Matrix<T, 1, Eigen::Dynamic> acc(d);
-  constexpr index_t ahead = SparseBackwardConfig::prefetch_distance;
-  const index_t nnz = mask.nnz();
   // d = d_v = 64 or 128: compile-time lengths (with_head_dims), and with vector extensions
   // Q_i, dO_i and the dQ_i accumulator held in registers (RegisterRow); otherwise run-time
   // lengths through memory (MemoryRow). Either way the same operations in the same order.
-  // Each row is done in chunks of up to `chunk` kept entries, in two phases: first every dS_ij
-  // of the chunk (independent dot products, so their latencies overlap), then the three
-  // axpys of each entry. Every sum still receives its terms in the same order, so the bits
-  // are those of the one-entry-at-a-time loop.
-  constexpr index_t chunk = SparseBackwardConfig::chunk;
-  T dS[chunk];
   with_head_dims(d, d_v, [&](auto dk, auto dv) {
     using Row = SparseRow<T, decltype(dk), decltype(dv)>;
     for (index_t i = 0; i < n_q; ++i) {
       Row row(a.Q.row(i).data(), a.dO.row(i).data(), acc.data(), dk, dv);
-      const index_t row_end = mask.row_offsets[i + 1];
-      for (index_t p0 = mask.row_offsets[i]; p0 < row_end; p0 += chunk) {
-        const index_t p1 = std::min(p0 + chunk, row_end);
-        for (index_t p = p0; p < p1; ++p) {
-          if (ahead > 0 && p + ahead < nnz) prefetch(V_row(mask.col_indices[p + ahead]), dv * index_t(sizeof(T)), false);
-          dS[p - p0] = mask.values[p] * (row.dot_dO(V_row(mask.col_indices[p])) - D[i]);
-        }
-        for (index_t p = p0; p < p1; ++p) {
-          if (ahead > 0 && p + ahead < p1) {
-            const index_t jn = mask.col_indices[p + ahead];
-            prefetch(K_row(jn), dk * index_t(sizeof(T)), false);
-            prefetch(gK_row(jn), dk * index_t(sizeof(T)), true);
-            prefetch(gV_row(jn), dv * index_t(sizeof(T)), true);
-          }
-          const index_t j = mask.col_indices[p];
-          row.update(dS[p - p0], mask.values[p], K_row(j), gK_row(j), gV_row(j));
-        }
-      }
+      fused_entries<T>(row, D[i], mask.col_indices.data(), mask.values.data(), mask.row_offsets[i],
+                       mask.row_offsets[i + 1], mask.nnz(), dk * index_t(sizeof(T)), dv * index_t(sizeof(T)), at);
       row.finish(acc.data());
       if (acc_q) a.dQ.row(i).noalias() += s * acc;
       else a.dQ.row(i).noalias() = s * acc;
     }
   });
-  // dK = s·gK, dV = gV
-  if (direct_k) {
-    a.dK *= s;
-  } else {
-    const RowMajorMap gK(gK_base, n_k, d);
-    if (acc_kv) a.dK.noalias() += s * gK;
-    else a.dK.noalias() = s * gK;
+  // dK = s·gK (dV = gV already)
+  a.dK *= s;
+}
+
+// The fused backward by key blocks, for heads whose rows do not fit a core's cache. K, V are
+// packed with gK, gV (zeroed) in the per-thread workspace, key by key: row j holds
+// [K_j | V_j | gK_j | gV_j], so the four rows a kept entry touches share pages and each block
+// of keys is one contiguous span (huge pages where the OS grants them). The keys go in blocks
+// of about block_bytes of those rows; for each block every query row adds its kept entries
+// of the block (a cursor per row walks its sorted columns), its dQ_i accumulator kept in the
+// workspace between blocks. The entries of a row are thus still added in ascending j and
+// each gK_j, gV_j still receives its terms in ascending i: the fused kernel's order and bits.
+// Strided views (a head of a fused QKV buffer) are read and written through the copies only.
+// block_keys (>= 1): keys per block; it changes the speed only, never the bits (tested).
+template <class T>
+void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv,
+                             index_t block_keys) {
+  SUS_ASSERT(block_keys >= 1);
+  const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
+  const index_t w = 2 * (d + d_v);  // packed values per key
+  // D_i = dO_i · O_i
+  const Vector<T> D = row_dot<T>(a.dO, a.O);
+  // Workspace: n_k packed key rows, then n_q dQ_i accumulators (d values each).
+  T* packed = thread_workspace<T>(n_k * w + n_q * d);
+  T* accs = packed + n_k * w;
+  for (index_t j = 0; j < n_k; ++j) {
+    T* r = packed + j * w;
+    std::memcpy(r, a.K.row(j).data(), std::size_t(d) * sizeof(T));
+    std::memcpy(r + d, a.V.row(j).data(), std::size_t(d_v) * sizeof(T));
+    std::fill(r + d + d_v, r + w, T(0));
   }
-  if (!direct_v) {
-    const RowMajorMap gV(gV_base, n_k, d_v);
-    if (acc_kv) a.dV += gV;
-    else a.dV = gV;
+  std::fill(accs, accs + n_q * d, T(0));
+  const auto at = [&](index_t j) {
+    T* r = packed + j * w;
+    return KeyRows<T>{r, r + d, r + d + d_v, r + 2 * d + d_v};
+  };
+  const index_t* col = mask.col_indices.data();
+  const T* val = mask.values.data();
+  // cursor[i]: row i's first entry not yet added (its entries of the blocks done so far).
+  std::vector<index_t> cursor(mask.row_offsets.begin(), mask.row_offsets.end() - 1);
+  with_head_dims(d, d_v, [&](auto dk, auto dv) {
+    using Row = SparseRow<T, decltype(dk), decltype(dv)>;
+    for (index_t j0 = 0; j0 < n_k; j0 += block_keys) {
+      const index_t j1 = std::min(n_k, j0 + block_keys);
+      for (index_t i = 0; i < n_q; ++i) {
+        const index_t p0 = cursor[i], row_end = mask.row_offsets[i + 1];
+        if (p0 == row_end || col[p0] >= j1) continue;
+        index_t p1 = p0 + 1;
+        while (p1 < row_end && col[p1] < j1) ++p1;
+        cursor[i] = p1;
+        T* acc_i = accs + i * d;
+        Row row(a.Q.row(i).data(), a.dO.row(i).data(), acc_i, dk, dv, /*resume=*/true);
+        fused_entries<T>(row, D[i], col, val, p0, p1, p1, dk * index_t(sizeof(T)), dv * index_t(sizeof(T)), at);
+        row.finish(acc_i);
+      }
+    }
+  });
+  // dQ = s·acc, dK = s·gK, dV = gV (or added, acc_q / acc_kv)
+  using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
+  const Eigen::Map<const Matrix<T>> acc(accs, n_q, d);
+  const Strided gK(packed + d + d_v, n_k, d, Eigen::OuterStride<>(w));
+  const Strided gV(packed + 2 * d + d_v, n_k, d_v, Eigen::OuterStride<>(w));
+  if (acc_q) a.dQ.noalias() += s * acc;
+  else a.dQ.noalias() = s * acc;
+  if (acc_kv) {
+    a.dK.noalias() += s * gK;
+    a.dV += gV;
+  } else {
+    a.dK.noalias() = s * gK;
+    a.dV = gV;
   }
 }
 
