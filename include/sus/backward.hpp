@@ -569,46 +569,55 @@ void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, b
   a.dK *= s;
 }
 
-// The fused backward by key blocks, for heads whose rows do not fit a core's cache. K, V are
-// packed with gK, gV (zeroed) in the per-thread workspace, key by key: row j holds
-// [K_j | V_j | gK_j | gV_j], so the four rows a kept entry touches share pages and each block
-// of keys is one contiguous span (huge pages where the OS grants them). The keys go in blocks
-// of about block_bytes of those rows; for each block every query row adds its kept entries
-// of the block (a cursor per row walks its sorted columns), its dQ_i accumulator kept in the
-// workspace between blocks. The entries of a row are thus still added in ascending j and
-// each gK_j, gV_j still receives its terms in ascending i: the fused kernel's order and bits.
-// Strided views (a head of a fused QKV buffer) are read and written through the copies only.
-// block_keys (>= 1): keys per block; it changes the speed only, never the bits (tested).
+// The fused backward by key blocks, for heads whose rows do not fit a core's cache. The keys
+// go in blocks of block_keys; for each block [j0, j1):
+//   1. its K_j, V_j are packed, with zeroed gK_j, gV_j, into a per-thread buffer, key by key
+//      (row j − j0 holds [K_j | V_j | gK_j | gV_j]): one contiguous span that stays in L2;
+//   2. every query row adds its kept entries of the block (a cursor per row walks its sorted
+//      columns), its dQ_i accumulator kept in the workspace between blocks (loaded from
+//      there unless this is the row's first block, written to dQ_i = s·acc_i after its last);
+//   3. the block's keys have all their terms: dK_j = s·gK_j, dV_j = gV_j are written from L2.
+// The entries of a row are thus still added in ascending j and each gK_j, gV_j still receives
+// its terms in ascending i: the fused kernel's order and bits. K, V are read, and dK, dV
+// written, once each, whatever their strides. block_keys (>= 1) changes the speed only, never
+// the bits (tested).
 template <class T>
 void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv,
                              index_t block_keys) {
   SUS_ASSERT(block_keys >= 1);
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
   const index_t w = 2 * (d + d_v);  // packed values per key
+  block_keys = std::max<index_t>(1, std::min(block_keys, n_k));
   // D_i = dO_i · O_i
   const Vector<T> D = row_dot<T>(a.dO, a.O);
-  // Workspace: n_k packed key rows, then n_q dQ_i accumulators (d values each).
-  T* packed = thread_workspace<T>(n_k * w + n_q * d);
-  T* accs = packed + n_k * w;
-  for (index_t j = 0; j < n_k; ++j) {
-    T* r = packed + j * w;
-    std::memcpy(r, a.K.row(j).data(), std::size_t(d) * sizeof(T));
-    std::memcpy(r + d, a.V.row(j).data(), std::size_t(d_v) * sizeof(T));
-    std::fill(r + d + d_v, r + w, T(0));
-  }
-  std::fill(accs, accs + n_q * d, T(0));
-  const auto at = [&](index_t j) {
-    T* r = packed + j * w;
-    return KeyRows<T>{r, r + d, r + d + d_v, r + 2 * d + d_v};
-  };
+  // Workspace: one block of packed key rows, then n_q dQ_i accumulators (d values each).
+  T* packed = thread_workspace<T>(block_keys * w + n_q * d);
+  T* accs = packed + block_keys * w;
   const index_t* col = mask.col_indices.data();
   const T* val = mask.values.data();
+  index_t j0 = 0;  // the current block's first key
+  const auto at = [&](index_t j) {
+    T* r = packed + (j - j0) * w;
+    return KeyRows<T>{r, r + d, r + d + d_v, r + 2 * d + d_v};
+  };
+  // Rows without kept entries: dQ_i = 0 (unchanged when accumulating).
+  if (!acc_q)
+    for (index_t i = 0; i < n_q; ++i)
+      if (mask.row_nnz(i) == 0) a.dQ.row(i).setZero();
   // cursor[i]: row i's first entry not yet added (its entries of the blocks done so far).
   std::vector<index_t> cursor(mask.row_offsets.begin(), mask.row_offsets.end() - 1);
   with_head_dims(d, d_v, [&](auto dk, auto dv) {
     using Row = SparseRow<T, decltype(dk), decltype(dv)>;
-    for (index_t j0 = 0; j0 < n_k; j0 += block_keys) {
-      const index_t j1 = std::min(n_k, j0 + block_keys);
+    for (; j0 < n_k; j0 += block_keys) {
+      const index_t j1 = std::min(n_k, j0 + block_keys), nb = j1 - j0;
+      // 1. pack
+      for (index_t j = j0; j < j1; ++j) {
+        T* r = packed + (j - j0) * w;
+        std::memcpy(r, a.K.row(j).data(), std::size_t(d) * sizeof(T));
+        std::memcpy(r + d, a.V.row(j).data(), std::size_t(d_v) * sizeof(T));
+        std::fill(r + d + d_v, r + w, T(0));
+      }
+      // 2. the rows' entries of the block
       for (index_t i = 0; i < n_q; ++i) {
         const index_t p0 = cursor[i], row_end = mask.row_offsets[i + 1];
         if (p0 == row_end || col[p0] >= j1) continue;
@@ -616,26 +625,28 @@ void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, 
         while (p1 < row_end && col[p1] < j1) ++p1;
         cursor[i] = p1;
         T* acc_i = accs + i * d;
-        Row row(a.Q.row(i).data(), a.dO.row(i).data(), acc_i, dk, dv, /*resume=*/true);
+        Row row(a.Q.row(i).data(), a.dO.row(i).data(), acc_i, dk, dv, /*resume=*/p0 != mask.row_offsets[i]);
         fused_entries<T>(row, D[i], col, val, p0, p1, p1, dk * index_t(sizeof(T)), dv * index_t(sizeof(T)), at);
         row.finish(acc_i);
+        if (p1 == row_end) {  // dQ_i = s·acc_i
+          const Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> acc(acc_i, d);
+          if (acc_q) a.dQ.row(i).noalias() += s * acc;
+          else a.dQ.row(i).noalias() = s * acc;
+        }
+      }
+      // 3. dK = s·gK, dV = gV for the block (or added, acc_kv)
+      using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
+      const Strided gK(packed + d + d_v, nb, d, Eigen::OuterStride<>(w));
+      const Strided gV(packed + 2 * d + d_v, nb, d_v, Eigen::OuterStride<>(w));
+      if (acc_kv) {
+        a.dK.middleRows(j0, nb).noalias() += s * gK;
+        a.dV.middleRows(j0, nb) += gV;
+      } else {
+        a.dK.middleRows(j0, nb).noalias() = s * gK;
+        a.dV.middleRows(j0, nb) = gV;
       }
     }
   });
-  // dQ = s·acc, dK = s·gK, dV = gV (or added, acc_q / acc_kv)
-  using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
-  const Eigen::Map<const Matrix<T>> acc(accs, n_q, d);
-  const Strided gK(packed + d + d_v, n_k, d, Eigen::OuterStride<>(w));
-  const Strided gV(packed + 2 * d + d_v, n_k, d_v, Eigen::OuterStride<>(w));
-  if (acc_q) a.dQ.noalias() += s * acc;
-  else a.dQ.noalias() = s * acc;
-  if (acc_kv) {
-    a.dK.noalias() += s * gK;
-    a.dV += gV;
-  } else {
-    a.dK.noalias() = s * gK;
-    a.dV = gV;
-  }
 }
 
 template <class T>
