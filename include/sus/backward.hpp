@@ -259,8 +259,7 @@ class ThreadWorkspace {
   std::size_t capacity_ = 0;
 };
 
-// Slots: independent buffers, for a kernel that holds one while calling a leaf that uses another.
-template <class T, int Slot = 0>
+template <class T>
 T* thread_workspace(index_t count) {
   thread_local ThreadWorkspace buffer;
   return static_cast<T*>(buffer.get(static_cast<std::size_t>(count) * sizeof(T)));
@@ -430,6 +429,23 @@ void sparse_backward_rows(const BackwardArgs<T>& a, const Csr<T>& mask, T* dS, i
   });
 }
 
+// Keys [j0, j0 + nk) of dK = s·gK and dV = gV (added to them when acc_kv), from unscaled sums
+// gK, gV whose rows are `stride` values apart.
+template <class T>
+void store_key_grads(const BackwardArgs<T>& a, index_t j0, index_t nk, const T* gK, const T* gV, index_t stride, T s,
+                     bool acc_kv) {
+  using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
+  const Strided gKm(gK, nk, a.dK.cols(), Eigen::OuterStride<>(stride));
+  const Strided gVm(gV, nk, a.dV.cols(), Eigen::OuterStride<>(stride));
+  if (acc_kv) {
+    a.dK.middleRows(j0, nk).noalias() += s * gKm;
+    a.dV.middleRows(j0, nk) += gVm;
+  } else {
+    a.dK.middleRows(j0, nk).noalias() = s * gKm;
+    a.dV.middleRows(j0, nk) = gVm;
+  }
+}
+
 // Keys pass over keys [j0, j1): dK, dV of those rows, from the rows pass's dS. gK, gV are
 // accumulated in the per-thread workspace ((j1 − j0)·(d + d_v) values) and written (or added,
 // acc_kv) at the end. Each row finds its first key ≥ j0 by binary search.
@@ -462,15 +478,7 @@ void sparse_backward_keys(const BackwardArgs<T>& a, const Csr<T>& mask, const T*
       }
     }
   });
-  using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
-  const Strided gKm(gK, nk, d, Eigen::OuterStride<>(w)), gVm(gV, nk, d_v, Eigen::OuterStride<>(w));
-  if (acc_kv) {
-    a.dK.middleRows(j0, nk).noalias() += s * gKm;
-    a.dV.middleRows(j0, nk) += gVm;
-  } else {
-    a.dK.middleRows(j0, nk).noalias() = s * gKm;
-    a.dV.middleRows(j0, nk) = gVm;
-  }
+  store_key_grads<T>(a, j0, nk, gK, gV, w, s, acc_kv);
 }
 
 // Kept entries [p0, p1) of query row i for the fused kernels, whose row state `row` (Q_i,
@@ -635,16 +643,7 @@ void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, 
         }
       }
       // 3. dK = s·gK, dV = gV for the block (or added, acc_kv)
-      using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
-      const Strided gK(packed + d + d_v, nb, d, Eigen::OuterStride<>(w));
-      const Strided gV(packed + 2 * d + d_v, nb, d_v, Eigen::OuterStride<>(w));
-      if (acc_kv) {
-        a.dK.middleRows(j0, nb).noalias() += s * gK;
-        a.dV.middleRows(j0, nb) += gV;
-      } else {
-        a.dK.middleRows(j0, nb).noalias() = s * gK;
-        a.dV.middleRows(j0, nb) = gV;
-      }
+      store_key_grads<T>(a, j0, nb, packed + d + d_v, packed + 2 * d + d_v, w, s, acc_kv);
     }
   });
 }
