@@ -88,10 +88,12 @@ inline index_t key_block_bytes() {
 }
 
 struct DenseBackwardConfig {
-  // Query rows per block: dP and dS exist only for one block (row_block x n_k). Measured, one
-  // thread, float, d = 64 (median of 7–15 calls, the sizes interleaved): 128 rows beat 256 by
-  // 4–9% at n = 2048, 4096 and 8192 (and at n = 4096, d = 128); 64 and 512 were no better
-  // (the 128 x n_k blocks of W and dS, 4 MiB at n = 8192, stay in the last-level cache).
+  // Query rows per block: dP and dS exist only for one block (row_block x n_k). Measured on a
+  // 2-vCPU AMD EPYC, one thread, float, d = 64 (median of 7–15 calls, the sizes interleaved):
+  // 128 rows beat 256 by 4–9% at n = 2048, 4096 and 8192 (and at n = 4096, d = 128); 64 and
+  // 512 were no better (the 128 x n_k blocks of W and dS, 4 MiB at n = 8192, stay in the
+  // last-level cache). On an Intel Xeon (2 MiB L2) alternated runs of 128 and 256 at n = 4096
+  // and 8192 were within the noise.
   static constexpr index_t row_block = 128;
   static_assert(row_block > 0, "DenseBackwardConfig::row_block must be positive");
 };
