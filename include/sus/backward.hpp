@@ -545,11 +545,11 @@ void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, 
 template <class T>
 void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv) {
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
-  const bool big = n_k * (d + d_v) * 2 * index_t(sizeof(T)) > key_block_bytes();
-  if (big || acc_kv || !rows_contiguous(a.K) || !rows_contiguous(a.V) || !rows_contiguous(a.dK) ||
+  const index_t row_bytes = 2 * (d + d_v) * index_t(sizeof(T));  // K_j, V_j, gK_j, gV_j of one key
+  const index_t block_keys = std::max<index_t>(1, key_block_bytes() / row_bytes);
+  if (n_k > block_keys || acc_kv || !rows_contiguous(a.K) || !rows_contiguous(a.V) || !rows_contiguous(a.dK) ||
       !rows_contiguous(a.dV)) {
-    const index_t row_bytes = 2 * (d + d_v) * index_t(sizeof(T));  // packed K_j, V_j, gK_j, gV_j
-    sparse_backward_blocked<T>(a, mask, s, acc_q, acc_kv, std::max<index_t>(1, key_block_bytes() / row_bytes));
+    sparse_backward_blocked<T>(a, mask, s, acc_q, acc_kv, block_keys);
     return;
   }
   // In place: gK, gV (the unscaled transposed sums) are accumulated straight in dK, dV.
