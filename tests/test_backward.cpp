@@ -8,7 +8,7 @@ using namespace sus_test;
 
 namespace {
 
-const Shape kShapes[] = {
+const Shape kBackwardShapes[] = {
     {1, 1, 1, 1, false, "one query, one key: W = 1, dQ = dK = 0"},
     {5, 5, 3, 3, true, "causal, tiny"},
     {6, 9, 4, 2, false, "cross attention, d_v < d"},
@@ -44,7 +44,7 @@ M<double> finite_differences(M<double>& X, F loss_of_current, double h) {
 
 TEST_CASE("reference backward matches float64 central finite differences within 1e-6", "[backward][reference]") {
   std::uint64_t seed = 11;
-  for (const Shape& s : kShapes) {
+  for (const Shape& s : kBackwardShapes) {
     INFO(s.targets);
     Problem<double> p(s.n_q, s.n_k, s.d, s.d_v, s.causal, seed += 10, 1.5);
     Grads<double> g(p), gs(p);

@@ -9,7 +9,7 @@ using namespace sus_test;
 namespace {
 
 // Each row names what it targets.
-const Shape kShapes[] = {
+const Shape kForwardShapes[] = {
     {1, 1, 1, 1, false, "smallest problem: one query, one key, d = 1"},
     {1, 1, 4, 4, true, "causal n = 1: row 0 sees only key 0"},
     {7, 13, 5, 3, false, "cross attention n_q < n_k, odd d, d_v != d"},
@@ -38,7 +38,7 @@ struct Reference64 {
 
 TEST_CASE("forward (float) matches the float64 reference within 1e-5", "[forward]") {
   std::uint64_t seed = 100;
-  for (const Shape& s : kShapes) {
+  for (const Shape& s : kForwardShapes) {
     INFO(s.targets << ": n_q=" << s.n_q << " n_k=" << s.n_k << " d=" << s.d << " d_v=" << s.d_v);
     sus::AttentionOptions o;
     o.causal = s.causal;
