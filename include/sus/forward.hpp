@@ -89,7 +89,8 @@ struct ForwardWorkspace {
 };
 
 // One row block of the forward: rows [i0, i0 + rows) of O, and sink(i, w, len, lse) for each
-// row in ascending order (w: W_i[0, len); every W_ij with j ≥ len is 0). Arguments checked by
+// row in ascending order as soon as its softmax is done, before O_b is computed (w: W_i[0, len);
+// every W_ij with j ≥ len is 0; a fully masked row hands len 0). Arguments checked by
 // the caller. Touches only O's rows of the block and the workspace: blocks can run in parallel.
 template <class T, class Sink>
 void forward_block(const char* fn, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V,
@@ -122,9 +123,10 @@ void forward_block(const char* fn, const ConstMatrixRef<T>& Q, const ConstMatrix
       }
     }
     Sb.row(r).tail(kv - len).setZero();
-    if (open == 0) {  // fully masked row: zero weights, zero output
+    if (open == 0) {  // fully masked row: zero weights, zero output; handed with len 0
       Sb.row(r).head(len).setZero();
       ws.lse[r] = kNegInf;
+      sink(i, s, index_t{0}, kNegInf);
       continue;
     }
     const T m = s_row.maxCoeff();
@@ -139,14 +141,13 @@ void forward_block(const char* fn, const ConstMatrixRef<T>& Q, const ConstMatrix
     if (!std::isfinite(m) || !std::isfinite(l)) throw_score_overflow(fn, i, Q, K, scale);
     s_row *= T(1) / l;
     ws.lse[r] = m + std::log(l);
+    // Handed on at once, while the row is still in L1 (the block's scores are 4 MiB at
+    // n_k = 8192: by the end of the block the first rows are out of L2); the sink needs W_i
+    // only, not O_i.
+    sink(i, s, len, ws.lse[r]);
   }
   // O_b = W_b·V_{0:kv}
   O.middleRows(i0, rows).noalias() = Sb * V.topRows(kv);
-  for (index_t r = 0; r < rows; ++r) {
-    // A fully masked row hands len 0 (its w is all zero).
-    const index_t len = ws.lse[r] == kNegInf ? 0 : visible_keys(i0 + r, n_q, n_k, options);
-    sink(i0 + r, Sb.row(r).data(), len, ws.lse[r]);
-  }
 }
 
 template <class T, class Recorder>
