@@ -21,12 +21,12 @@
 //   sampler: RowSampler and truncated rows ............ RowSampler == sample_mask row by row, in any row
 //                                                        order; a row cut at len (zeros after) samples
 //                                                        like the full row (SusMask relies on it)
-//   sampler: the scan equals the draw written out chunk by chunk
-//                                                        RowSampler (batches of 4 chunks, paper q on the
-//                                                        fly, vector chunk statistics) == the draw
-//                                                        written out one chunk at a time, bit for bit;
-//                                                        detail::chunk_stat / chunk_stats4 ==
-//                                                        chunk_stat_portable bit for bit
+//   sampler: the scan equals the draw written out in scalar code
+//                                                        RowSampler (vector lanes, batch tests, vector
+//                                                        walks, paper q on the fly, buffered keeps) ==
+//                                                        the draw written out one scalar operation at a
+//                                                        time, bit for bit; the vector primitives ==
+//                                                        their scalar definitions
 //   sampler: edge cases c=1 n=1 zero rows empty shapes  c = 1, n = 1, all-zero rows, empty shapes
 //   sampler: argument errors .......................... sus::Error for bad options and bad W
 //
@@ -792,29 +792,53 @@ TEST_CASE("sampler: RowSampler and truncated rows", "[sampler]") {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The sampler's scan, checked against the algorithm written out entry by entry. RowSampler
-// tests chunks of 16 four at a time (a batch of 64, in vector code), passes the paper budget's
-// q = min(1, c·w) without storing it, and keeps the independent draw's skipped survival as a
-// running product L. Written out here: q from inclusion_probabilities, then one chunk at a time
-// (each chunk's stat in its one fixed order), so the batches' shortcuts (the fourth test
-// implies the first three; a batch holding a kept entry is redone chunk by chunk) and the
-// vector statistics must reproduce it bit for bit. Deterministic: no false failures.
+// The sampler's scan, checked against the algorithm written out in scalar code. RowSampler runs
+// 16 lanes of Σq (or Π(1 − q)) in vector code, tests the draw after every batch of 64 entries,
+// walks a batch that hits with vector prefixes and bit masks, passes the paper budget's
+// q = min(1, c·w) without storing it, and flushes its kept entries through a fixed buffer.
+// Written out here, one scalar operation at a time in the documented order (the order the
+// library's non-vector build uses): q from inclusion_probabilities, the lanes, the tree, the
+// prefixes, the walks entry by entry. The two must agree bit for bit. Deterministic: no false
+// failures.
 // ---------------------------------------------------------------------------------------------
-// Σq (systematic) or Π(1 − q) (independent) of chunk [b, e) in the sampler's order: for a full
-// chunk, lane l is q_{b+l} ∘ q_{b+8+l} and the lanes reduce as ((0∘1)∘(2∘3))∘((4∘5)∘(6∘7));
-// a shorter last chunk goes through lane_sum / lane_product.
-template <class T>
-double chunk_stat_written_out(const std::vector<T>& q, index_t b, index_t e, bool survival) {
-  const auto f = [&](index_t j) { return survival ? 1.0 - static_cast<double>(q[j]) : static_cast<double>(q[j]); };
-  if (e - b < 16)
-    return survival ? sus::detail::lane_product(b, e, f) : sus::detail::lane_sum(b, e, f);
-  double v[8];
-  for (int l = 0; l < 8; ++l) v[l] = survival ? f(b + l) * f(b + 8 + l) : f(b + l) + f(b + 8 + l);
-  return survival ? ((v[0] * v[1]) * (v[2] * v[3])) * ((v[4] * v[5]) * (v[6] * v[7]))
-                  : ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
+struct WrittenOutScan {
+  bool survival;
+  double lane[16], q_sum[8] = {0, 0, 0, 0, 0, 0, 0, 0}, total;
+  double op(double a, double b) const { return survival ? a * b : a + b; }
+  double identity() const { return survival ? 1.0 : 0.0; }
+  void restart() {
+    for (double& l : lane) l = identity();
+    total = identity();
+  }
+  double tree() const {
+    double t[8];
+    for (int l = 0; l < 8; ++l) t[l] = op(lane[l], lane[l + 8]);
+    return op(op(op(t[0], t[1]), op(t[2], t[3])), op(op(t[4], t[5]), op(t[6], t[7])));
+  }
+  // x: the batch's 64 q. Lane l (< 8) ∘= ((t_l ∘ t_{16+l}) ∘ (t_{32+l} ∘ t_{48+l})), lane 8 + l
+  // likewise from entries 8 + l, 24 + l, 40 + l, 56 + l; t = q or 1 − q.
+  void add_batch(const double* x) {
+    const auto t = [&](int j) { return survival ? 1.0 - x[j] : x[j]; };
+    for (int l = 0; l < 8; ++l) {
+      lane[l] = op(lane[l], op(op(t(l), t(16 + l)), op(t(32 + l), t(48 + l))));
+      lane[8 + l] = op(lane[8 + l], op(op(t(8 + l), t(24 + l)), op(t(40 + l), t(56 + l))));
+      if (survival)
+        q_sum[l] += ((x[l] + x[16 + l]) + (x[32 + l] + x[48 + l])) + ((x[8 + l] + x[24 + l]) + (x[40 + l] + x[56 + l]));
+    }
+  }
+  // Group g of a walked batch (terms t[16]) as running totals from `start`: an inclusive prefix
+  // of each 8 lanes (l ∘= l − 1, then l − 2, then l − 4), the first 8 then ∘ start, the last 8
+  // ∘ the first 8's last.
+  void running_totals(double* t, double start) const {
+    for (int half = 0; half < 2; ++half)
+      for (int s = 1; s < 8; s *= 2)
+        for (int l = 7; l >= s; --l) t[8 * half + l] = op(t[8 * half + l], t[8 * half + l - s]);
+    for (int l = 0; l < 8; ++l) t[l] = op(t[l], start);
+    for (int l = 8; l < 16; ++l) t[l] = op(t[l], t[7]);
+  }
+};
 
-// One row drawn chunk by chunk: appends (column, W/q) of the kept entries.
+// One row drawn in scalar code: appends (column, W/q) of the kept entries.
 template <class T>
 void draw_row_written_out(const T* w, index_t n, const SamplerOptions& o, index_t row, std::vector<index_t>& cols,
                           std::vector<T>& vals) {
@@ -825,62 +849,60 @@ void draw_row_written_out(const T* w, index_t n, const SamplerOptions& o, index_
     cols.push_back(j);
     vals.push_back(w[j] / q[j]);
   };
-  if (o.draw == Draw::systematic) {
-    double point = rng.uniform2(static_cast<std::uint64_t>(row), sus::detail::kSystematicStream)[0], h = 0;
-    int left = o.c;
-    for (index_t b = 0; b < n; b += 16) {
-      const index_t e = std::min(n, b + 16);
-      const double chunk = chunk_stat_written_out(q, b, e, false);
-      if (left == 0 || point >= h + chunk) {
-        h += chunk;
-        continue;
-      }
-      for (index_t j = b; j < e; ++j) {
-        const double next = h + q[j];
-        if (point < next && left > 0) keep(j);
-        while (point < next && left > 0) {
-          point += 1.0;
-          --left;
-        }
-        h = next;
-      }
-    }
-    return;
-  }
+  const bool systematic = o.draw == Draw::systematic;
+  WrittenOutScan scan{!systematic, {}, {}, 0};
+  scan.restart();
+  double point = systematic ? rng.uniform2(static_cast<std::uint64_t>(row), sus::detail::kSystematicStream)[0] : 0;
+  int left = o.c;
   std::uint64_t draws = 0;
   std::array<double, 2> pair{};
   const auto uniform = [&]() {
     if ((draws & 1) == 0) pair = rng.uniform2(static_cast<std::uint64_t>(row), draws / 2);
     return 1.0 - pair[draws++ & 1];
   };
-  double R = uniform(), L = 1;  // the next point's level; the survival of the chunks skipped since
-  for (index_t b = 0; b < n; b += 16) {
-    const index_t e = std::min(n, b + 16);
-    const double s = chunk_stat_written_out(q, b, e, true);
-    if (s > 0 && s * L >= R) {
-      L *= s;
-      continue;
+  double R = systematic ? 0 : uniform();
+  for (index_t b = 0; b < n; b += 64) {
+    double x[64];
+    for (index_t l = 0; l < 64; ++l) x[l] = b + l < n ? static_cast<double>(q[b + l]) : 0.0;
+    const double start = scan.total;
+    scan.add_batch(x);
+    scan.total = scan.tree();
+    const bool hit = systematic ? left > 0 && point < scan.total : !(scan.total >= R);
+    if (!hit) continue;
+    double run = start;
+    for (int g = 0; g < 4; ++g) {
+      const double* xg = x + 16 * g;
+      double t[16];
+      for (int l = 0; l < 16; ++l) t[l] = systematic ? xg[l] : (xg[l] >= 1 ? 1.0 : 1.0 - xg[l]);
+      scan.running_totals(t, run);
+      run = t[15];
+      for (int l = 0; l < 16; ++l) {  // entry by entry
+        const index_t j = b + 16 * g + l;
+        if (systematic) {
+          if (xg[l] > 0 && left > 0 && point < t[l]) {
+            keep(j);
+            while (point < t[l] && left > 0) {
+              point += 1.0;
+              --left;
+            }
+          }
+        } else if (xg[l] >= 1) {
+          keep(j);
+        } else if (t[l] < R) {
+          keep(j);
+          do R *= uniform();
+          while (t[l] < R);
+        }
+      }
+      if (!systematic && run < 1e-50) {
+        R /= run;
+        run = 1;
+      }
     }
-    R /= L;
-    L = 1;
-    double P = 1;
-    for (index_t j = b; j < e; ++j) {
-      if (q[j] >= T(1)) {
-        keep(j);
-        continue;
-      }
-      P *= 1.0 - static_cast<double>(q[j]);
-      if (P < R) {
-        keep(j);
-        do R *= uniform();
-        while (P < R);
-      }
-      if (P < 1e-200) {
-        R /= P;
-        P = 1;
-      }
+    if (!systematic) {
+      R /= run;
+      scan.restart();
     }
-    R /= P;
   }
 }
 
@@ -890,7 +912,7 @@ void check_scan_written_out() {
   std::ostringstream first;
   for (index_t n : {1, 15, 16, 17, 63, 64, 65, 100, 128, 130, 200, 1000, 4099})
     for (double spread : {0.5, 3.0, 8.0})  // flat rows, peaked rows, rows with several q = 1
-      for (int c : {1, 4, 32})
+      for (int c : {1, 4, 32, 300})        // 300: more kept entries than one flush of the buffer
         for (Budget b : kBudgets)
           for (Draw d : kDraws) {
             Mat<double> Wd = Mat<double>::Zero(3, n);
@@ -915,69 +937,92 @@ void check_scan_written_out() {
             }
           }
   INFO(rows << " rows, " << kept << " kept entries; first mismatch: " << first.str());
-  CHECK(kept > 5000);  // the comparison covers many kept entries (about 9000)
+  CHECK(kept > 20000);  // the comparison covers many kept entries
   CHECK(mismatches == 0);
 }
 
-// The vector statistics of one chunk and of four (detail::chunk_stat, chunk_stats4) against the
-// scalar loops (chunk_stat_portable, which other compilers use), bit for bit, for q read from an
-// array and computed from w, on chunks with q = 0 and q = 1 entries; and Σq in the lanes.
+// The vector primitives against their scalar definitions, bit for bit: the lanes' tree, the
+// 8-lane prefix, the comparison masks, and q loaded from an array and computed from w (with
+// zeros and q = 1 entries).
 template <class T>
-void check_chunk_stats_portable() {
-  using sus::detail::ChunkStat;
-  const index_t n = 4 * 64;
-  std::vector<T> w(static_cast<std::size_t>(n)), q(static_cast<std::size_t>(n));
+void check_scan_primitives() {
+  using namespace sus::detail;
   std::mt19937_64 gen(5);
   std::uniform_real_distribution<double> u(0, 1);
-  for (index_t j = 0; j < n; ++j) {
-    const double x = u(gen);
-    w[j] = static_cast<T>(x < 0.1 ? 0.0 : x < 0.15 ? 0.5 : x * x * x * 0.02);  // zeros, q = 1 at c = 4, small
+  std::vector<T> w(64), q(64);
+  for (auto& x : w) {
+    const double r = u(gen);
+    x = static_cast<T>(r < 0.1 ? 0.0 : r < 0.15 ? 0.5 : r * r * r * 0.02);  // zeros, q = 1 at c = 4, small
   }
-  const sus::detail::PaperQ<T> paper{w.data(), T(4)};
-  for (index_t j = 0; j < n; ++j) q[j] = paper(j);
-  const sus::detail::ArrayQ<T> array{q.data()};
+  const PaperQ<T> paper{w.data(), T(4)};
+  for (index_t j = 0; j < 64; ++j) q[static_cast<std::size_t>(j)] = paper(j);
+  const ArrayQ<T> array{q.data()};
   const auto bits = [](double x) {
     std::uint64_t b;
     std::memcpy(&b, &x, sizeof b);
     return b;
   };
-  const auto check_source = [&](const auto& src, const char* name) {
-    for (bool survival : {false, true}) {
-      INFO(name << (survival ? ", survival" : ", sum"));
-      sus::detail::RowLanes lanes{}, lanes4{};
-      std::array<double, 8> portable{};
-      for (index_t b = 0; b < n; b += 64) {
-        double four[4];
-        if (survival) sus::detail::chunk_stats4<ChunkStat::survival>(src, b, lanes4, four);
-        else sus::detail::chunk_stats4<ChunkStat::sum>(src, b, lanes4, four);
-        for (int k = 0; k < 4; ++k) {
-          const index_t cb = b + 16 * k;
-          const double one = survival ? sus::detail::chunk_stat<ChunkStat::survival>(src, cb, lanes)
-                                      : sus::detail::chunk_stat<ChunkStat::sum>(src, cb, lanes);
-          const double ref = survival ? sus::detail::chunk_stat_portable<ChunkStat::survival>(src, cb, portable)
-                                      : sus::detail::chunk_stat_portable<ChunkStat::sum>(src, cb, portable);
-          CAPTURE(cb, one, four[k], ref);
-          CHECK(bits(one) == bits(ref));
-          CHECK(bits(four[k]) == bits(ref));
-          CHECK(ref == chunk_stat_written_out(q, cb, cb + 16, survival));
-        }
+  for (const bool survival : {false, true})
+    for (int k = 0; k < 8; ++k) {
+      Vec8 a, b, fromw;
+      load_q8(array, 8 * k, a);
+      load_q8(paper, 8 * k, fromw);
+      load_q8(array, (8 * k + 24) % 64, b);
+      WrittenOutScan ref{survival, {}, {}, 0};
+      for (int l = 0; l < 8; ++l) {
+        CHECK(bits(at(a, l)) == bits(static_cast<double>(q[static_cast<std::size_t>(8 * k + l)])));
+        CHECK(bits(at(fromw, l)) == bits(at(a, l)));
+        ref.lane[l] = at(a, l);
+        ref.lane[l + 8] = at(b, l);
       }
-      // Σq rides along in no fixed order: all three within rounding of the exact sum
-      const double exact = sus::detail::lane_sum(0, n, [&](index_t j) { return static_cast<double>(q[j]); });
-      for (double total : {sus::detail::lanes_total(lanes), sus::detail::lanes_total(lanes4),
-                           sus::detail::lanes_total(portable)})
-        CHECK(std::abs(total - exact) <= 1e-12 * exact);
+      const double tree = survival ? tree_total<ChunkStat::survival>(a, b) : tree_total<ChunkStat::sum>(a, b);
+      CHECK(bits(tree) == bits(ref.tree()));
+      double t[16];
+      for (int l = 0; l < 8; ++l) t[l] = at(a, l), t[l + 8] = at(b, l);
+      ref.running_totals(t, 0.375);
+      Vec8 lo = a, hi = b;
+      const double last = survival ? running_totals<ChunkStat::survival>(lo, hi, 0.375)
+                                   : running_totals<ChunkStat::sum>(lo, hi, 0.375);
+      CHECK(bits(last) == bits(t[15]));
+      for (int l = 0; l < 8; ++l) {
+        CHECK(bits(at(lo, l)) == bits(t[l]));
+        CHECK(bits(at(hi, l)) == bits(t[l + 8]));
+      }
+      // a batch into the lanes (from lanes a, b and the sum lanes at 0), then the tree
+      ScanLanes lanes;
+      lanes.lo = a;
+      lanes.hi = b;
+      set_all(lanes.q_sum, 0.0);
+      Vec8 x[8];
+      double xs[64];
+      for (int g = 0; g < 8; ++g) {
+        load_q8(paper, 8 * ((g + k) % 8), x[g]);
+        for (int l = 0; l < 8; ++l) xs[8 * g + l] = at(x[g], l);
+      }
+      if (survival) add_batch<ChunkStat::survival>(lanes, x);
+      else add_batch<ChunkStat::sum>(lanes, x);
+      ref.add_batch(xs);
+      for (int l = 0; l < 8; ++l) {
+        CHECK(bits(at(lanes.lo, l)) == bits(ref.lane[l]));
+        CHECK(bits(at(lanes.hi, l)) == bits(ref.lane[l + 8]));
+        if (survival) CHECK(bits(at(lanes.q_sum, l)) == bits(ref.q_sum[l]));
+      }
+      const double v = t[5];
+      unsigned above = 0, below = 0;
+      for (int l = 0; l < 16; ++l) {
+        above |= unsigned(t[l] > v) << l;
+        below |= unsigned(t[l] < v) << l;
+      }
+      CHECK(compare_mask16(lo, hi, v, true) == above);
+      CHECK(compare_mask16(lo, hi, v, false) == below);
     }
-  };
-  check_source(paper, "q = min(1, c·w)");
-  check_source(array, "q from an array");
 }
 
-TEST_CASE("sampler: the scan equals the draw written out chunk by chunk", "[sampler]") {
+TEST_CASE("sampler: the scan equals the draw written out in scalar code", "[sampler]") {
   SECTION("double") { check_scan_written_out<double>(); }
   SECTION("float") { check_scan_written_out<float>(); }
-  SECTION("chunk statistics: vector == scalar, double") { check_chunk_stats_portable<double>(); }
-  SECTION("chunk statistics: vector == scalar, float") { check_chunk_stats_portable<float>(); }
+  SECTION("vector primitives == scalar, double") { check_scan_primitives<double>(); }
+  SECTION("vector primitives == scalar, float") { check_scan_primitives<float>(); }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@
 //                disjoint intervals: exactly independent Bernoulli(q_j) draws, using O(kept)
 //                random numbers instead of one per entry. Entries with q_j = 1 are always kept.
 //                The scan works in survival space (products of 1 − q_j), so it needs no logs.
-// The scan tests chunks of 16 entries, four at a time, in vector code, and walks entry by entry
-// only through chunks that hold a point: one pass over the row plus O(kept · chunk). For the
-// paper budget, q = min(1, c·w) is computed inside that pass, not stored.
+// The scan keeps 16 running lanes of Σq (or Π(1 − q)) in vector code, reduces them to the row's
+// running total after every batch of 64 entries, and walks (with vector prefixes and bit masks)
+// only the batches that hold a point: one pass over the row plus O(kept · batch). For the paper
+// budget, q = min(1, c·w) is computed inside that pass, not stored. Details at detail::ChunkStat.
 //
 // Random numbers come from Philox4x32-10 keyed by the seed, with the row index in the counter:
 // a row's draw depends only on (seed, row, W_i·) — not on processing order or thread count.
@@ -45,6 +46,10 @@
 #include "detail/philox.hpp"
 #include "error.hpp"
 #include "types.hpp"
+
+#if defined(SUS_VECTOR_EXTENSIONS) && defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace sus {
 
@@ -190,48 +195,45 @@ struct PaperQ {
   SUS_ALWAYS_INLINE T operator()(index_t j) const { return std::min(T(1), lam * w[j]); }
 };
 
-// What a chunk test needs of the q_j of one chunk: their sum (systematic), or the product of
-// the 1 − q_j (independent; 0 exactly when some q_j = 1, since otherwise each factor is at
-// least 2^-53 and 16 of them stay far above the smallest double).
+// The scan. 16 running lanes go along the row: lane l holds the entries j ≡ l (mod 16) seen so
+// far, combined by + (systematic: Σq) or × (independent: Π(1 − q), the survival). After each
+// batch of 64 entries the lanes reduce in one fixed tree, t_l = lane_l ∘ lane_{l+8}, then
+// ((t0 ∘ t1) ∘ (t2 ∘ t3)) ∘ ((t4 ∘ t5) ∘ (t6 ∘ t7)): the row's running total at the batch's
+// end. Every lane only grows (sums of q ≥ 0) or only shrinks (products of 1 − q ∈ [0, 1]) and
+// the tree is monotone in each lane, so the totals at successive batch ends are monotone too,
+// as positions on the draws' cumulative axes must be. A zero q leaves a lane unchanged
+// (x + 0 = x, x · 1 = x), so a row cut at its causal length scans exactly like the zero-padded
+// full row. The loop-carried work is one add (or multiply) per lane per batch; the tree is
+// off that chain, so batches stream at the rate of their loads and conversions.
+//
+// A batch whose end total has passed the draw's next point is walked: its 64 terms become
+// running totals from the total at its start (an inclusive prefix per 8 lanes in three
+// shift-and-combine steps, then carried across the 8-lane groups), compared with the point as
+// a bit mask. The walk's totals and the lanes' round differently (by ~1e-16), so a point may
+// fall in the gap past a batch's last interval and before the lanes' total at its end: it then
+// goes to the next entry with q > 0 (systematic), or nowhere (independent, whose level is
+// re-based at the walk's end).
+//
+// The scan and its walks run in one function with no call inside (kept entries go to a
+// fixed buffer, flushed by the caller), so the lanes and the draw's state stay in registers.
 enum class ChunkStat { sum, survival };
 
-// The sampler tests chunks of 16 entries, four chunks (a batch) at a time. A chunk's stat has
-// one fixed order: lane l of 8 combines q_{b+l} and q_{b+8+l}, then the lanes reduce as
-// ((l0 ∘ l1) ∘ (l2 ∘ l3)) ∘ ((l4 ∘ l5) ∘ (l6 ∘ l7)) (lane_sum's / lane_product's tree), so the
-// vector and scalar versions below give the same bits. The row's Σq rides along in 8 lanes in
-// no fixed order: it only decides, with a margin for rounding, whether q is min(1, c·w)
-// (RowSampler::sample).
-// Entries per chunk: small enough that most chunks hold no point (a row of n entries has ~c
-// points, so ~c chunks are walked entry by entry), large enough to amortise the test.
+// Entries per walked group (a 16-bit mask) and per tested batch (4 groups).
 constexpr index_t kSamplerChunk = 16;
 constexpr index_t kSamplerBatch = 4 * kSamplerChunk;
 
-template <class Lanes>
-SUS_ALWAYS_INLINE double lanes_total(const Lanes& a) {
-  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-}
-
-// One full chunk [b, b + 16) in scalar code: adds its q to the row lanes and returns its stat.
-template <ChunkStat S, class Q>
-SUS_ALWAYS_INLINE double chunk_stat_portable(const Q& q, index_t b, std::array<double, 8>& acc) {
-  double v[8];
-  for (int l = 0; l < 8; ++l) {
-    const double x0 = static_cast<double>(q(b + l)), x1 = static_cast<double>(q(b + 8 + l));
-    acc[l] += x0 + x1;
-    v[l] = S == ChunkStat::sum ? x0 + x1 : (1.0 - x0) * (1.0 - x1);
-  }
-  if (S == ChunkStat::sum) return lanes_total(v);
-  return ((v[0] * v[1]) * (v[2] * v[3])) * ((v[4] * v[5]) * (v[6] * v[7]));
+template <ChunkStat S>
+SUS_ALWAYS_INLINE double combine(double a, double b) {
+  return S == ChunkStat::sum ? a + b : a * b;
 }
 
 #if defined(SUS_VECTOR_EXTENSIONS)
-// The same as compiler vectors: loads of 8 weights, min(1, c·w) and the conversion to double
-// lane by lane, and the trees as shuffle steps; four chunks share their tree steps. The chunk
-// tests are most of the sampler's time, and GCC leaves the scalar form unvectorised.
+// Compiler vectors: loads of 8 weights, min(1, c·w) and the conversion to double lane by lane,
+// the trees and prefixes as shuffle steps. GCC leaves the scalar forms unvectorised.
 typedef double f64x8 __attribute__((vector_size(64)));
 typedef double f64x4 __attribute__((vector_size(32)));
 typedef double f64x2 __attribute__((vector_size(16)));
-using RowLanes = f64x8;
+using Vec8 = f64x8;
 
 template <class T>
 struct Lanes8;
@@ -244,13 +246,26 @@ struct Lanes8<double> {
   typedef double type __attribute__((vector_size(64)));
 };
 
-// q_j .. q_{j+7} as doubles (vectors by reference: a 64-byte vector passed or returned by value
-// draws GCC's -Wpsabi note on targets without AVX-512).
+// 8 values as doubles. With AVX-512 one vcvtps2pd: GCC tuned for 256-bit vectors splits
+// __builtin_convertvector into halves and shuffles, and shuffles are what bound the scan.
+// (Vectors by reference throughout: a 64-byte vector passed or returned by value draws GCC's
+// -Wpsabi note on targets without AVX-512.)
+SUS_ALWAYS_INLINE void to_f64x8(const Lanes8<float>::type& x, f64x8& out) {
+#if defined(__AVX512F__)
+  // (not _mm512_cvtps_pd, whose _mm512_undefined_pd draws GCC 12's -Wmaybe-uninitialized)
+  out = reinterpret_cast<f64x8>(_mm512_maskz_cvtps_pd(0xFF, reinterpret_cast<__m256>(x)));
+#else
+  out = __builtin_convertvector(x, f64x8);
+#endif
+}
+SUS_ALWAYS_INLINE void to_f64x8(const Lanes8<double>::type& x, f64x8& out) { out = x; }
+
+// q_j .. q_{j+7} as doubles.
 template <class T>
 SUS_ALWAYS_INLINE void load_q8(const ArrayQ<T>& q, index_t j, f64x8& out) {
   typename Lanes8<T>::type x;
   std::memcpy(&x, q.q + j, sizeof x);
-  out = __builtin_convertvector(x, f64x8);
+  to_f64x8(x, out);
 }
 template <class T>
 SUS_ALWAYS_INLINE void load_q8(const PaperQ<T>& q, index_t j, f64x8& out) {
@@ -260,159 +275,355 @@ SUS_ALWAYS_INLINE void load_q8(const PaperQ<T>& q, index_t j, f64x8& out) {
   const V one = V{} + T(1);
   x = q.lam * x;
   x = x < one ? x : one;  // std::min(T(1), λ·w_j)
-  out = __builtin_convertvector(x, f64x8);
+  to_f64x8(x, out);
 }
 
-// a ∘= b: + for sums, × for survivals.
-template <ChunkStat S, class V>
-SUS_ALWAYS_INLINE void fold(V& a, const V& b) {
-  if constexpr (S == ChunkStat::sum) a += b;
-  else a *= b;
+SUS_ALWAYS_INLINE void set_all(f64x8& v, double x) { v = f64x8{} + x; }
+SUS_ALWAYS_INLINE void from_array(f64x8& v, const double* x) { std::memcpy(&v, x, sizeof v); }
+SUS_ALWAYS_INLINE double at(const f64x8& v, int l) { return v[l]; }
+SUS_ALWAYS_INLINE void add_to(f64x8& a, const f64x8& b) { a += b; }
+SUS_ALWAYS_INLINE void mul_to(f64x8& a, const f64x8& b) { a *= b; }
+SUS_ALWAYS_INLINE void one_minus(const f64x8& x, f64x8& out) { out = 1.0 - x; }
+// The walk's survival factor: 1 − q, with q ≥ 1 (always kept) as 1.
+SUS_ALWAYS_INLINE void walk_factor(const f64x8& x, f64x8& out) {
+  const f64x8 one = f64x8{} + 1.0;
+  out = x >= one ? one : one - x;
 }
 
-// Loads chunk halves [b, b + 8·count) into x, adds them to the lanes, and turns them into the
-// terms that fold: q (sum) or 1 − q (survival).
-template <ChunkStat S, int count, class Q>
-SUS_ALWAYS_INLINE void load_terms(const Q& q, index_t b, f64x8& acc, f64x8 (&x)[count]) {
-  for (int k = 0; k < count; ++k) load_q8(q, b + 8 * k, x[k]);
-  f64x8 total = x[0];
-  for (int k = 1; k < count; ++k) total += x[k];
-  acc += total;
-  if constexpr (S == ChunkStat::survival)
-    for (int k = 0; k < count; ++k) x[k] = 1.0 - x[k];
+// Bit l: lane l is > v (above) or < v (!above).
+SUS_ALWAYS_INLINE unsigned compare_mask8(const f64x8& x, double v, bool above) {
+#if defined(__AVX512F__)
+  const __m512d b = _mm512_set1_pd(v), a = reinterpret_cast<__m512d>(x);
+  return above ? unsigned(_mm512_cmp_pd_mask(a, b, _CMP_GT_OQ)) : unsigned(_mm512_cmp_pd_mask(a, b, _CMP_LT_OQ));
+#else
+  unsigned m = 0;
+  for (int l = 0; l < 8; ++l) m |= unsigned(above ? x[l] > v : x[l] < v) << l;
+  return m;
+#endif
 }
 
-template <ChunkStat S, class Q>
-SUS_ALWAYS_INLINE double chunk_stat(const Q& q, index_t b, f64x8& acc) {
-  f64x8 x[2];
-  load_terms<S>(q, b, acc, x);
-  fold<S>(x[0], x[1]);
-  f64x4 a = __builtin_shufflevector(x[0], x[0], 0, 2, 4, 6);
-  fold<S>(a, __builtin_shufflevector(x[0], x[0], 1, 3, 5, 7));
-  f64x2 r = __builtin_shufflevector(a, a, 0, 2);
-  fold<S>(r, __builtin_shufflevector(a, a, 1, 3));
-  return S == ChunkStat::sum ? r[0] + r[1] : r[0] * r[1];
+// The lanes' tree (see above) of lo ∘ hi.
+template <ChunkStat S>
+SUS_ALWAYS_INLINE double tree_total(const f64x8& lo, const f64x8& hi) {
+  const f64x8 t = S == ChunkStat::sum ? lo + hi : lo * hi;
+  const f64x4 even = __builtin_shufflevector(t, t, 0, 2, 4, 6), odd = __builtin_shufflevector(t, t, 1, 3, 5, 7);
+  const f64x4 p = S == ChunkStat::sum ? even + odd : even * odd;  // t0∘t1, t2∘t3, t4∘t5, t6∘t7
+  const f64x2 a = __builtin_shufflevector(p, p, 0, 2), c = __builtin_shufflevector(p, p, 1, 3);
+  const f64x2 r = S == ChunkStat::sum ? a + c : a * c;
+  return combine<S>(r[0], r[1]);
 }
 
-// The stats of the four chunks [b, b + 64): each tree step runs on two or four chunks at once.
-template <ChunkStat S, class Q>
-SUS_ALWAYS_INLINE void chunk_stats4(const Q& q, index_t b, f64x8& acc, double (&out)[4]) {
-  f64x8 x[8];
-  load_terms<S>(q, b, acc, x);
-  for (int k = 0; k < 4; ++k) fold<S>(x[2 * k], x[2 * k + 1]);  // chunk k's 8 lanes in x[2k]
-  // adjacent lanes of chunks (0, 1) and (2, 3): 4 lanes per chunk
-  f64x8 u01 = __builtin_shufflevector(x[0], x[2], 0, 2, 4, 6, 8, 10, 12, 14);
-  fold<S>(u01, __builtin_shufflevector(x[0], x[2], 1, 3, 5, 7, 9, 11, 13, 15));
-  f64x8 u23 = __builtin_shufflevector(x[4], x[6], 0, 2, 4, 6, 8, 10, 12, 14);
-  fold<S>(u23, __builtin_shufflevector(x[4], x[6], 1, 3, 5, 7, 9, 11, 13, 15));
-  // then 2 lanes per chunk, then 1
-  f64x8 w = __builtin_shufflevector(u01, u23, 0, 2, 4, 6, 8, 10, 12, 14);
-  fold<S>(w, __builtin_shufflevector(u01, u23, 1, 3, 5, 7, 9, 11, 13, 15));
-  f64x4 r = __builtin_shufflevector(w, w, 0, 2, 4, 6);
-  fold<S>(r, __builtin_shufflevector(w, w, 1, 3, 5, 7));
-  for (int k = 0; k < 4; ++k) out[k] = r[k];
+// Inclusive prefix of 8 lanes: lane l ∘= lane l − 1, then l − 2, then l − 4 (lanes shifted in
+// from below the first are the identity).
+template <ChunkStat S>
+SUS_ALWAYS_INLINE void prefix8(f64x8& x) {
+  const f64x8 id = f64x8{} + (S == ChunkStat::sum ? 0.0 : 1.0);
+  const f64x8 s1 = __builtin_shufflevector(id, x, 0, 8, 9, 10, 11, 12, 13, 14);
+  x = S == ChunkStat::sum ? x + s1 : x * s1;
+  const f64x8 s2 = __builtin_shufflevector(id, x, 0, 1, 8, 9, 10, 11, 12, 13);
+  x = S == ChunkStat::sum ? x + s2 : x * s2;
+  const f64x8 s4 = __builtin_shufflevector(id, x, 0, 1, 2, 3, 8, 9, 10, 11);
+  x = S == ChunkStat::sum ? x + s4 : x * s4;
 }
 #else
-using RowLanes = std::array<double, 8>;
-template <ChunkStat S, class Q>
-SUS_ALWAYS_INLINE double chunk_stat(const Q& q, index_t b, RowLanes& acc) {
-  return chunk_stat_portable<S>(q, b, acc);
+struct Vec8 {
+  double v[8];
+};
+SUS_ALWAYS_INLINE void set_all(Vec8& a, double x) {
+  for (double& e : a.v) e = x;
 }
-template <ChunkStat S, class Q>
-SUS_ALWAYS_INLINE void chunk_stats4(const Q& q, index_t b, RowLanes& acc, double (&out)[4]) {
-  for (int k = 0; k < 4; ++k) out[k] = chunk_stat_portable<S>(q, b + kSamplerChunk * k, acc);
+SUS_ALWAYS_INLINE void from_array(Vec8& a, const double* x) { std::memcpy(a.v, x, sizeof a.v); }
+SUS_ALWAYS_INLINE double at(const Vec8& a, int l) { return a.v[l]; }
+SUS_ALWAYS_INLINE void add_to(Vec8& a, const Vec8& b) {
+  for (int l = 0; l < 8; ++l) a.v[l] += b.v[l];
+}
+SUS_ALWAYS_INLINE void mul_to(Vec8& a, const Vec8& b) {
+  for (int l = 0; l < 8; ++l) a.v[l] *= b.v[l];
+}
+SUS_ALWAYS_INLINE void one_minus(const Vec8& x, Vec8& out) {
+  for (int l = 0; l < 8; ++l) out.v[l] = 1.0 - x.v[l];
+}
+SUS_ALWAYS_INLINE void walk_factor(const Vec8& x, Vec8& out) {
+  for (int l = 0; l < 8; ++l) out.v[l] = x.v[l] >= 1.0 ? 1.0 : 1.0 - x.v[l];
+}
+template <class Q>
+SUS_ALWAYS_INLINE void load_q8(const Q& q, index_t j, Vec8& out) {
+  for (int l = 0; l < 8; ++l) out.v[l] = static_cast<double>(q(j + l));
+}
+SUS_ALWAYS_INLINE unsigned compare_mask8(const Vec8& x, double v, bool above) {
+  unsigned m = 0;
+  for (int l = 0; l < 8; ++l) m |= unsigned(above ? x.v[l] > v : x.v[l] < v) << l;
+  return m;
+}
+template <ChunkStat S>
+SUS_ALWAYS_INLINE double tree_total(const Vec8& lo, const Vec8& hi) {
+  double t[8];
+  for (int l = 0; l < 8; ++l) t[l] = combine<S>(lo.v[l], hi.v[l]);
+  return combine<S>(combine<S>(combine<S>(t[0], t[1]), combine<S>(t[2], t[3])),
+                    combine<S>(combine<S>(t[4], t[5]), combine<S>(t[6], t[7])));
+}
+template <ChunkStat S>
+SUS_ALWAYS_INLINE void prefix8(Vec8& x) {
+  for (int s = 1; s < 8; s *= 2)
+    for (int l = 7; l >= s; --l) x.v[l] = combine<S>(x.v[l], x.v[l - s]);
 }
 #endif
 
-// The draws' chunk tests. A skip test says whether a chunk holds nothing to keep, and then
-// moves the draw's state past it; all4 does the same for four chunks in a row when none of
-// them holds anything (the state then ends exactly where four single tests leave it), and
-// otherwise leaves the state alone.
-//   systematic: the next point lies at or beyond the chunk's end h + Σq.
-//   independent: the next point's survival level R lies at or below the chunk's survival.
-//     A chunk with some q_j = 1 has survival 0 and never passes, as R > 0 (it starts in
-//     (0, 1], and a walk leaves it at least P·2^-53 with P ≥ 2^-53·1e-200). L is the product
-//     of the survivals of the chunks skipped since R was last rescaled: a multiply per chunk,
-//     where dividing R by each survival would put a division on the chain through every chunk.
-// The single tests are monotone along the row (h only grows, L only shrinks), so the fourth
-// test passing means all four pass.
-struct SystematicSkip {
-  double point;     // the next point on the cumulative-q axis
-  double h = 0;     // cumulative q at the start of the current chunk
-  int points_left;  // c − points used
-  SUS_ALWAYS_INLINE bool operator()(double chunk) {
-    if (points_left > 0 && point < h + chunk) return false;
-    h += chunk;
-    return true;
-  }
-  SUS_ALWAYS_INLINE bool all4(const double (&chunk)[4]) {
-    const double end = (((h + chunk[0]) + chunk[1]) + chunk[2]) + chunk[3];
-    if (points_left > 0 && point < end) return false;
-    h = end;
-    return true;
-  }
-};
-struct IndependentSkip {
-  double R;      // the next point's survival level, relative to the end of the last walked chunk
-  double L = 1;  // survival of the chunks skipped since then
-  SUS_ALWAYS_INLINE bool operator()(double survival) {
-    if (!(survival * L >= R)) return false;
-    L *= survival;
-    return true;
-  }
-  SUS_ALWAYS_INLINE bool all4(const double (&survival)[4]) {
-    const double level = (((survival[0] * L) * survival[1]) * survival[2]) * survival[3];
-    if (!(level >= R)) return false;
-    L = level;
-    return true;
-  }
-};
-
-// Tests batches of four chunks from b on while a whole batch is left; returns the start of the
-// first batch that holds something to keep (its chunks' stats in `stats`), or where the
-// batches ran out. Every tested batch's q goes into the row lanes. A function of its own, not
-// inlined, on purpose: nothing in its loop calls out, so the lanes and the skip state stay in
-// registers (every vector register is caller-saved; inlined next to the walks' push_backs,
-// GCC kept the lanes in memory, a store-to-load round trip on every chunk).
-template <ChunkStat S, class Q, class Skip>
-SUS_NOINLINE index_t skip_batches(const Q& q, index_t b, index_t n, RowLanes& acc, Skip& state,
-                                  double (&stats)[4]) {
-  RowLanes lanes = acc;
-  Skip s = state;
-  double st[4] = {};
-  for (; b + kSamplerBatch <= n; b += kSamplerBatch) {
-    chunk_stats4<S>(q, b, lanes, st);
-    if (!s.all4(st)) break;
-  }
-  acc = lanes;
-  state = s;
-  for (int k = 0; k < 4; ++k) stats[k] = st[k];
-  return b;
+template <ChunkStat S>
+SUS_ALWAYS_INLINE void combine_to(Vec8& a, const Vec8& b) {
+  if (S == ChunkStat::sum) add_to(a, b);
+  else mul_to(a, b);
 }
 
-// One scan over a row in chunks of 16 [b, e) (the last one may be shorter), in order: each
-// chunk is skipped (skip, see above) or walked entry by entry (walk(b, e)). Returns Σ_j q_j
-// (summed in no fixed order).
-template <ChunkStat S, class Q, class Skip, class Walk>
-SUS_ALWAYS_INLINE double scan_chunks(const Q& q, index_t n, Skip& skip, Walk&& walk) {
-  RowLanes acc = {};
-  double stats[4];
-  index_t b = 0;
-  while ((b = skip_batches<S>(q, b, n, acc, skip, stats)) + kSamplerBatch <= n) {
-    // this batch holds something to keep: its chunks one at a time
-    for (int k = 0; k < 4; ++k, b += kSamplerChunk)
-      if (!skip(stats[k])) walk(b, b + kSamplerChunk);
+// The lowest set bit of m ≠ 0.
+SUS_ALWAYS_INLINE int lowest_bit(unsigned m) {
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_ctz(m);
+#else
+  int l = 0;
+  while (!(m & 1u)) m >>= 1, ++l;
+  return l;
+#endif
+}
+
+// The q of batch [b, b + 64) as 8 groups of 8 doubles, zero past n (vector loads for a whole
+// batch; a row's last, shorter batch goes through a buffer).
+template <class Q>
+SUS_ALWAYS_INLINE void load_batch(const Q& q, index_t b, index_t n, Vec8 (&x)[8]) {
+  if (b + kSamplerBatch <= n) {
+    for (int k = 0; k < 8; ++k) load_q8(q, b + 8 * k, x[k]);
+    return;
   }
-  for (; b + kSamplerChunk <= n; b += kSamplerChunk)
-    if (!skip(chunk_stat<S>(q, b, acc))) walk(b, b + kSamplerChunk);
-  if (b < n) {
-    const auto x = [&](index_t j) { return static_cast<double>(q(j)); };
-    const double stat =
-        S == ChunkStat::sum ? lane_sum(b, n, x) : lane_product(b, n, [&](index_t j) { return 1.0 - x(j); });
-    if (!skip(stat)) walk(b, n);
-    for (index_t j = b; j < n; ++j) acc[j % 8] += x(j);
+  double buf[kSamplerBatch];
+  for (index_t l = 0; l < kSamplerBatch; ++l) buf[l] = b + l < n ? static_cast<double>(q(b + l)) : 0.0;
+  for (int k = 0; k < 8; ++k) from_array(x[k], buf + 8 * k);
+}
+
+// The scan's state between calls: the 16 lanes (lo: 0..7, hi: 8..15), 8 lanes of Σq for the
+// independent draw, and the running total at the last batch's end.
+struct ScanLanes {
+  Vec8 lo, hi, q_sum;
+  double total;
+};
+template <ChunkStat S>
+SUS_ALWAYS_INLINE void restart(ScanLanes& s) {
+  constexpr double identity = S == ChunkStat::sum ? 0.0 : 1.0;
+  set_all(s.lo, identity);
+  set_all(s.hi, identity);
+  s.total = identity;
+}
+SUS_ALWAYS_INLINE double q_sum_total(const ScanLanes& s) {
+  const auto v = [&](int l) { return at(s.q_sum, l); };
+  return ((v(0) + v(1)) + (v(2) + v(3))) + ((v(4) + v(5)) + (v(6) + v(7)));
+}
+
+// ((a ∘ b) ∘ (c ∘ d)) of four groups.
+template <ChunkStat S>
+SUS_ALWAYS_INLINE void combine4(const Vec8& a, const Vec8& b, const Vec8& c, const Vec8& d, Vec8& out) {
+  Vec8 ab = a, cd = c;
+  combine_to<S>(ab, b);
+  combine_to<S>(cd, d);
+  combine_to<S>(ab, cd);
+  out = ab;
+}
+
+// Adds a batch to the lanes: lo ∘= (x0 ∘ x2) ∘ (x4 ∘ x6), hi ∘= (x1 ∘ x3) ∘ (x5 ∘ x7) (terms
+// q, or 1 − q), so each lane's loop-carried chain is one operation per batch.
+template <ChunkStat S>
+SUS_ALWAYS_INLINE void add_batch(ScanLanes& s, const Vec8 (&x)[8]) {
+  Vec8 lo, hi;
+  if constexpr (S == ChunkStat::sum) {
+    combine4<S>(x[0], x[2], x[4], x[6], lo);
+    combine4<S>(x[1], x[3], x[5], x[7], hi);
+  } else {
+    Vec8 f[8], q_lo, q_hi;
+    for (int k = 0; k < 8; ++k) one_minus(x[k], f[k]);
+    combine4<S>(f[0], f[2], f[4], f[6], lo);
+    combine4<S>(f[1], f[3], f[5], f[7], hi);
+    combine4<ChunkStat::sum>(x[0], x[2], x[4], x[6], q_lo);
+    combine4<ChunkStat::sum>(x[1], x[3], x[5], x[7], q_hi);
+    add_to(q_lo, q_hi);
+    add_to(s.q_sum, q_lo);
   }
-  return lanes_total(acc);
+  combine_to<S>(s.lo, lo);
+  combine_to<S>(s.hi, hi);
+}
+
+// Whether a batch whose running total ends at `end` holds the draw's next point, whose position
+// is `threshold`: systematic, the point lies below the cumulative q at the batch's end;
+// independent, the point's survival level lies above the survival at the batch's end.
+template <ChunkStat S>
+SUS_ALWAYS_INLINE bool hits(double end, double threshold) {
+  return S == ChunkStat::sum ? threshold < end : !(end >= threshold);
+}
+
+// Group g (16 entries) of a walked batch: terms t (q, or the walk's survival factors) become
+// running totals from `start` in place, lane l of the group = start ∘ t_0 ∘ … ∘ t_l. Returns
+// the group's last total.
+template <ChunkStat S>
+SUS_ALWAYS_INLINE double running_totals(Vec8& lo, Vec8& hi, double start) {
+  prefix8<S>(lo);
+  prefix8<S>(hi);
+  Vec8 base;
+  set_all(base, start);
+  combine_to<S>(lo, base);
+  set_all(base, at(lo, 7));
+  combine_to<S>(hi, base);
+  return at(hi, 7);
+}
+SUS_ALWAYS_INLINE unsigned compare_mask16(const Vec8& lo, const Vec8& hi, double v, bool above) {
+  return compare_mask8(lo, v, above) | compare_mask8(hi, v, above) << 8;
+}
+
+// Kept entries of one scan call: (column, q_j) pairs, W_j / q_j computed by the caller.
+template <class T>
+struct KeptBuffer {
+  static constexpr int capacity = 4 * kSamplerBatch;
+  int count = 0;
+  index_t col[capacity];
+  T q[capacity];
+  SUS_ALWAYS_INLINE void add(index_t j, T qj) {
+    col[count] = j;
+    q[count] = qj;
+    ++count;
+  }
+};
+
+// The systematic draw: points u, u+1, ..., u+c−1 on the axis of cumulative q; keep j iff a
+// point falls in [C_{j−1}, C_j).
+struct SystematicDraw {
+  static constexpr ChunkStat stat = ChunkStat::sum;
+  double point;     // the next point
+  int points_left;  // c − points used
+  SUS_ALWAYS_INLINE double threshold() const {
+    return points_left > 0 ? point : std::numeric_limits<double>::infinity();
+  }
+  // Walks batch [b, b + 64) (q zero past the row's end n) from cumulative q `start`: keeps
+  // the first entry with q > 0 whose C_j lies above the point, moves the point past C_j (an
+  // interval of length ≤ 1 holds at most one point; rounding may place the next one inside it
+  // too, in which case it is consumed here as well), and looks again after j. Returns whether
+  // the lanes restart (never).
+  template <class Q, class Out>
+  SUS_ALWAYS_INLINE bool walk(const Q& q, index_t b, index_t n, double start, Out& out) {
+    Vec8 x[8];
+    load_batch(q, b, n, x);
+    double run = start;
+    for (int g = 0; g < 4 && points_left > 0; ++g) {
+      Vec8& lo = x[2 * g];
+      Vec8& hi = x[2 * g + 1];
+      unsigned open = compare_mask16(lo, hi, 0.0, true);  // q > 0
+      run = running_totals<ChunkStat::sum>(lo, hi, run);
+      while (points_left > 0) {
+        const unsigned hit = compare_mask16(lo, hi, point, true) & open;
+        if (!hit) break;
+        const int l = lowest_bit(hit);
+        const index_t j = b + kSamplerChunk * g + l;
+        out.add(j, q(j));
+        const double end = l < 8 ? at(lo, l) : at(hi, l - 8);
+        while (point < end && points_left > 0) {
+          point += 1.0;
+          --points_left;
+        }
+        open &= ~((2u << l) - 1);
+      }
+    }
+    return false;
+  }
+};
+
+// The independent draw: a Poisson process on the hazard axis h_j = −log(1 − q_j), tracked in
+// survival space to avoid logarithms: with P_j = Π_{l≤j} (1 − q_l) and R the survival level of
+// the next point, j holds a point iff P_j < R ≤ P_{j−1}; the point after it has level R·U, U
+// uniform on (0, 1] (exponential gaps). Entries with q_j = 1 are always kept (and left out of
+// P). After each walked batch R is taken relative to the batch's end and the lanes restart at
+// 1; within a walk P is re-based once it falls below 1e-50, so with each group's 16 factors
+// ≥ 2^-53 nothing underflows.
+template <class T>
+struct IndependentDraw {
+  static constexpr ChunkStat stat = ChunkStat::survival;
+  const Philox4x32* rng;
+  std::uint64_t row;
+  std::uint64_t draws = 0;
+  std::array<double, 2> pair{};
+  double R = 0;  // the next point's level, relative to the last re-basing
+  SUS_ALWAYS_INLINE double uniform_open0() {  // U in (0, 1]
+    if ((draws & 1) == 0) pair = rng->uniform2(row, draws / 2);
+    return 1.0 - pair[draws++ & 1];
+  }
+  SUS_ALWAYS_INLINE double threshold() const { return R; }
+  template <class Q, class Out>
+  SUS_ALWAYS_INLINE bool walk(const Q& q, index_t b, index_t n, double start, Out& out) {
+    Vec8 x[8];
+    load_batch(q, b, n, x);
+    double run = start;
+    for (int g = 0; g < 4; ++g) {
+      Vec8& lo = x[2 * g];
+      Vec8& hi = x[2 * g + 1];
+      // q < 1 may hold a point; q ≥ 1 is always kept. (Padding past the row's end has q = 0,
+      // a factor 1: its P repeats the last entry's, which is ≥ R once that entry is passed.)
+      const unsigned open = compare_mask16(lo, hi, 1.0, false), certain = ~open & 0xFFFFu;
+      walk_factor(lo, lo);
+      walk_factor(hi, hi);
+      run = running_totals<ChunkStat::survival>(lo, hi, run);
+      unsigned kept = certain, candidates = open;
+      for (;;) {
+        const unsigned hit = compare_mask16(lo, hi, R, false) & candidates;  // P_j < R
+        if (!hit) break;
+        const int l = lowest_bit(hit);
+        kept |= 1u << l;
+        const double level = l < 8 ? at(lo, l) : at(hi, l - 8);
+        do R *= uniform_open0();  // several points in one interval keep j once
+        while (level < R);
+        candidates &= ~((2u << l) - 1);
+      }
+      for (; kept; kept &= kept - 1) {
+        const index_t j = b + kSamplerChunk * g + lowest_bit(kept);
+        out.add(j, q(j));
+      }
+      if (run < 1e-50) {
+        R /= run;
+        run = 1;
+      }
+    }
+    R /= run;
+    return true;
+  }
+};
+
+// Scans the row from batch start b until its end or until `out` has no room for another
+// batch's keeps; returns where it stopped. Not inlined, on purpose: nothing in it calls out,
+// so the lanes and the draw's state stay in registers (every vector register is caller-saved;
+// next to push_backs GCC kept the lanes in memory, a store-to-load round trip per batch).
+// One batch [b, b + 64) into the lanes, walked if it hits. Whole: b + 64 ≤ n. The walk loads
+// the batch again, so that x here never leaves registers.
+template <bool Whole, class Q, class D, class Out>
+SUS_ALWAYS_INLINE void scan_batch(const Q& q, index_t b, index_t n, ScanLanes& s, D& d, Out& out) {
+  constexpr ChunkStat S = D::stat;
+  Vec8 x[8];
+  if (Whole) {
+    for (int k = 0; k < 8; ++k) load_q8(q, b + 8 * k, x[k]);
+  } else {
+    load_batch(q, b, n, x);
+  }
+  const double start = s.total;
+  add_batch<S>(s, x);
+  s.total = tree_total<S>(s.lo, s.hi);
+  if (hits<S>(s.total, d.threshold()) && d.walk(q, b, n, start, out)) restart<S>(s);
+}
+
+template <class Q, class D, class Out>
+SUS_NOINLINE index_t scan_part(const Q& q, index_t b, index_t n, ScanLanes& lanes, D& draw, Out& out) {
+  ScanLanes s = lanes;
+  D d = draw;
+  for (; b + kSamplerBatch <= n && out.count <= Out::capacity - kSamplerBatch; b += kSamplerBatch)
+    scan_batch<true>(q, b, n, s, d, out);
+  if (b < n && b + kSamplerBatch > n && out.count <= Out::capacity - kSamplerBatch) {  // the last, shorter batch
+    scan_batch<false>(q, b, n, s, d, out);
+    b = n;
+  }
+  lanes = s;
+  draw = d;
+  return b;
 }
 
 }  // namespace detail
@@ -454,89 +665,39 @@ class RowSampler {
   }
 
  private:
-  static void keep(index_t j, const T* w, T qj, std::vector<index_t>& cols, std::vector<T>& vals) {
-    cols.push_back(j);
-    vals.push_back(w[j] / qj);
-  }
-
-  // Draws the row; returns Σ_j q_j (summed in no fixed order, see detail::scan_chunks).
+  // Draws the row; returns Σ_j q_j (summed in no fixed order, see detail::scan_part).
   template <class Q>
   double draw(index_t row, const Q& q, const T* w, index_t n, std::vector<index_t>& cols, std::vector<T>& vals) {
-    return opt_.draw == Draw::systematic ? sample_systematic(row, q, w, n, cols, vals)
-                                         : sample_independent(row, q, w, n, cols, vals);
+    const auto r = static_cast<std::uint64_t>(row);
+    if (opt_.draw == Draw::systematic) {
+      detail::SystematicDraw d{rng_.uniform2(r, detail::kSystematicStream)[0], opt_.c};
+      return scan(q, w, n, d, cols, vals);
+    }
+    detail::IndependentDraw<T> d{&rng_, r};
+    d.R = d.uniform_open0();
+    return scan(q, w, n, d, cols, vals);
   }
 
-  // Points u, u+1, ..., u+c−1 on the axis of cumulative q; keep j iff a point falls in
-  // [C_{j−1}, C_j). Chunks whose q-sum ends before the next point are skipped whole.
-  template <class Q>
-  double sample_systematic(index_t row, const Q& q, const T* w, index_t n, std::vector<index_t>& cols,
-                           std::vector<T>& vals) {
-    detail::SystematicSkip skip{rng_.uniform2(static_cast<std::uint64_t>(row), detail::kSystematicStream)[0], 0,
-                                opt_.c};
-    double& point = skip.point;
-    int& points_left = skip.points_left;
-    double& h = skip.h;
-    return detail::scan_chunks<detail::ChunkStat::sum>(q, n, skip, [&](index_t b, index_t e) {
-      for (index_t j = b; j < e; ++j) {
-        const T qj = q(j);
-        const double h_next = h + qj;
-        if (point < h_next && points_left > 0) {
-          keep(j, w, qj, cols, vals);
-          // An interval of length ≤ 1 holds at most one point; rounding may place the next
-          // one inside it too, in which case it is consumed here as well.
-          while (point < h_next && points_left > 0) {
-            point += 1.0;
-            --points_left;
-          }
-        }
-        h = h_next;
+  template <class Q, class D>
+  double scan(const Q& q, const T* w, index_t n, D& d, std::vector<index_t>& cols, std::vector<T>& vals) {
+    detail::ScanLanes lanes;
+    detail::restart<D::stat>(lanes);
+    detail::set_all(lanes.q_sum, 0.0);
+    index_t b = 0;
+    do {
+      kept_.count = 0;
+      b = detail::scan_part(q, b, n, lanes, d, kept_);
+      for (int k = 0; k < kept_.count; ++k) {
+        cols.push_back(kept_.col[k]);
+        vals.push_back(w[kept_.col[k]] / kept_.q[k]);
       }
-    });
-  }
-
-  // Independent Bernoulli(q_j) draws as a Poisson process on the hazard axis
-  // h_j = −log(1 − q_j), tracked in survival space to avoid logarithms: with
-  // P_j = Π_{l≤j} (1 − q_l) (relative to the chunk start) and R the survival level of the next
-  // point, j holds a point iff P_j < R ≤ P_{j−1}; the point after it has level R·U, U uniform
-  // on (0, 1] (exponential gaps). Entries with q_j = 1 are always kept.
-  template <class Q>
-  double sample_independent(index_t row, const Q& q, const T* w, index_t n, std::vector<index_t>& cols,
-                            std::vector<T>& vals) {
-    std::uint64_t draws = 0;
-    std::array<double, 2> pair{};
-    auto uniform_open0 = [&]() {  // U in (0, 1]
-      if ((draws & 1) == 0) pair = rng_.uniform2(static_cast<std::uint64_t>(row), draws / 2);
-      return 1.0 - pair[draws++ & 1];
-    };
-    detail::IndependentSkip skip{uniform_open0()};
-    double& R = skip.R;
-    return detail::scan_chunks<detail::ChunkStat::survival>(q, n, skip, [&](index_t b, index_t e) {
-      R /= skip.L;  // the level relative to this chunk's start
-      skip.L = 1;
-      double P = 1;
-      for (index_t j = b; j < e; ++j) {
-        const T qj = q(j);
-        if (qj >= T(1)) {
-          keep(j, w, qj, cols, vals);
-          continue;
-        }
-        P *= 1.0 - static_cast<double>(qj);
-        if (P < R) {
-          keep(j, w, qj, cols, vals);
-          do R *= uniform_open0();  // several points in one interval keep j once
-          while (P < R);
-        }
-        if (P < 1e-200) {  // rescale before underflow; R ≤ P here, so R/P ≤ 1
-          R /= P;
-          P = 1;
-        }
-      }
-      R /= P;
-    });
+    } while (b < n);
+    return D::stat == detail::ChunkStat::sum ? lanes.total : detail::q_sum_total(lanes);
   }
 
   SamplerOptions opt_;
   detail::Philox4x32 rng_;
+  detail::KeptBuffer<T> kept_;
   std::vector<T> q_;
 };
 
