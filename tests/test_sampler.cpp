@@ -876,7 +876,7 @@ void draw_row_written_out(const T* w, index_t n, const SamplerOptions& o, index_
       for (int l = 0; l < 16; ++l) t[l] = systematic ? xg[l] : (xg[l] >= 1 ? 1.0 : 1.0 - xg[l]);
       scan.running_totals(t, run);
       run = t[15];
-      for (int l = 0; l < 16; ++l) {  // entry by entry
+      for (int l = 0; l < 16 && b + 16 * g + l < n; ++l) {  // entry by entry, inside the row
         const index_t j = b + 16 * g + l;
         if (systematic) {
           if (xg[l] > 0 && left > 0 && point < t[l]) {

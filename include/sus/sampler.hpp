@@ -559,9 +559,12 @@ struct IndependentDraw {
     for (int g = 0; g < 4; ++g) {
       Vec8& lo = x[2 * g];
       Vec8& hi = x[2 * g + 1];
-      // q < 1 may hold a point; q ≥ 1 is always kept. (Padding past the row's end has q = 0,
-      // a factor 1: its P repeats the last entry's, which is ≥ R once that entry is passed.)
-      const unsigned open = compare_mask16(lo, hi, 1.0, false), certain = ~open & 0xFFFFu;
+      // q < 1 may hold a point; q ≥ 1 is always kept. Padding past the row's end (q = 0, a
+      // factor 1) repeats the last entry's P up to rounding of the prefix, so it is masked out.
+      const index_t rest = n - (b + kSamplerChunk * g);
+      const unsigned in_row = rest >= kSamplerChunk ? 0xFFFFu : rest > 0 ? (1u << rest) - 1 : 0u;
+      const unsigned below_one = compare_mask16(lo, hi, 1.0, false);
+      const unsigned open = below_one & in_row, certain = ~below_one & 0xFFFFu;
       walk_factor(lo, lo);
       walk_factor(hi, hi);
       run = running_totals<ChunkStat::survival>(lo, hi, run);
