@@ -78,14 +78,12 @@ template <class T>
        ". Rescale Q and K, or compute in double");
 }
 
-// Scratch of one thread of the forward: the scores of one row block, s·Q_b and the block's lse.
+// Scratch of one thread of the forward: the scores of one row block and s·Q_b.
 template <class T>
 struct ForwardWorkspace {
   Matrix<T> S, Qs;
-  Vector<T> lse;
   ForwardWorkspace(index_t n_q, index_t n_k, index_t d)
-      : S(std::min(ForwardConfig::row_block, n_q), n_k), Qs(std::min(ForwardConfig::row_block, n_q), d),
-        lse(std::min(ForwardConfig::row_block, n_q)) {}
+      : S(std::min(ForwardConfig::row_block, n_q), n_k), Qs(std::min(ForwardConfig::row_block, n_q), d) {}
 };
 
 // One row block of the forward: rows [i0, i0 + rows) of O, and sink(i, w, len, lse) for each
@@ -125,7 +123,6 @@ void forward_block(const char* fn, const ConstMatrixRef<T>& Q, const ConstMatrix
     Sb.row(r).tail(kv - len).setZero();
     if (open == 0) {  // fully masked row: zero weights, zero output; handed with len 0
       Sb.row(r).head(len).setZero();
-      ws.lse[r] = kNegInf;
       sink(i, s, index_t{0}, kNegInf);
       continue;
     }
@@ -140,11 +137,10 @@ void forward_block(const char* fn, const ConstMatrixRef<T>& Q, const ConstMatrix
     // max or sum catches every case (a NaN anywhere in the row makes the sum NaN).
     if (!std::isfinite(m) || !std::isfinite(l)) throw_score_overflow(fn, i, Q, K, scale);
     s_row *= T(1) / l;
-    ws.lse[r] = m + std::log(l);
     // Handed on at once, while the row is still in L1 (the block's scores are 4 MiB at
     // n_k = 8192: by the end of the block the first rows are out of L2); the sink needs W_i
     // only, not O_i.
-    sink(i, s, len, ws.lse[r]);
+    sink(i, s, len, m + std::log(l));
   }
   // O_b = W_b·V_{0:kv}
   O.middleRows(i0, rows).noalias() = Sb * V.topRows(kv);
