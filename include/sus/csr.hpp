@@ -70,20 +70,26 @@ struct Csr {
       if (max_per_row >= 0 && e - b > max_per_row)
         detail::fail(fn, "row ", i, " holds ", e - b, " entries, more than the promised ", max_per_row, " (", shp, ")");
     }
-    // Entries: a branch-free pass says whether any is bad (every sparse backward validates its
-    // mask, so this pass is on the hot path); only then the scan below finds and names it.
-    // Within a row, j <= prev (prev = -1 at the row's start) catches j < 0 and any j not
-    // strictly above its predecessor; detail::all_finite checks the values.
+    // Entries: branch-free passes say whether any is bad (every sparse backward validates its
+    // mask, so they are on the hot path); only then the scan below finds and names it. A row
+    // is good iff its columns strictly increase, its first is >= 0 and its last < cols. One
+    // vector pass over the whole array counts the steps that do not increase, p - 1 -> p;
+    // the steps from one row's last entry to the next non-empty row's first are then taken
+    // out again, one per non-empty row after the first entry. detail::all_finite checks the
+    // values.
+    const index_t* c = col_indices.data();
+    index_t not_increasing = 0;
+    for (index_t p = 1; p < nnz(); ++p) not_increasing += c[p] <= c[p - 1];
     bool bad = false;
     for (index_t i = 0; i < rows; ++i) {
-      index_t prev = -1;
-      for (index_t p = row_offsets[i]; p < row_offsets[i + 1]; ++p) {
-        const index_t j = col_indices[p];
-        bad |= (j <= prev) | (j >= cols);
-        prev = j;
-      }
+      const index_t b = row_offsets[i], e = row_offsets[i + 1];
+      if (b == e) continue;
+      bad |= (c[b] < 0) | (c[e - 1] >= cols);
+      if (b > 0) not_increasing -= c[b] <= c[b - 1];
     }
-    if (!bad && detail::all_finite(Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(values.data(), nnz()))) return;
+    if (!bad && not_increasing == 0 &&
+        detail::all_finite(Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(values.data(), nnz())))
+      return;
     for (index_t i = 0; i < rows; ++i) {
       const index_t b = row_offsets[i], e = row_offsets[i + 1];
       for (index_t p = b; p < e; ++p) {
