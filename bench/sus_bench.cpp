@@ -12,6 +12,14 @@
 //   backward_dense/n:N/d:D        attention_backward_dense from recorded W. 8·n²·d flops.
 //   backward_sus/n:N/d:D/c:C      attention_backward_sparse on a SusMask. 8·nnz·d flops
 //                                 (SDDMM, SpMM, two transposed SpMMs: 2·d each per kept entry).
+//   gather_roofline/n:N/d:D/c:C   the memory traffic of backward_sus alone, on its mask: the
+//                                 key blocks packed as the kernel packs them ([K_j | V_j | gK_j |
+//                                 gV_j], key_block_bytes() each), and for every kept entry, in
+//                                 the kernel's order, K_j and V_j read and gK_j, gV_j read and
+//                                 written (16 cache lines at d = 64); no dot products, no dQ.
+//                                 backward_sus cannot beat it without moving fewer bytes.
+//                                 (Packed at every n; the kernel runs unpacked, in place, where
+//                                 one block holds every key: n <= 3072 at d = 64 on 2 MiB L2.)
 //   sample/n:N/c:C                sample_mask on a recorded W (n x n), paper/independent.
 //   backward_lowrank/n:N/d:D/g:G  sus::lowrank::attention_backward of degree G (sus/lowrank.hpp)
 //                                 from the forward's lse. 8·n·r·d·d flops, r = C(d + G, G)
@@ -33,10 +41,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <random>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -153,6 +163,56 @@ void backward_sus(benchmark::State& state) {
   set_mask_counters(state, mask.mask);
 }
 
+void gather_roofline(benchmark::State& state) {
+  const index_t n = state.range(0), d = state.range(1);
+  const int c = static_cast<int>(state.range(2));
+  const Inputs& in = inputs(n, d);
+  sus::SusMask<float> sus_mask(sampler(c));
+  Mat O(n, d), dK(n, d), dV(n, d);
+  sus::attention_forward(in.Q, in.K, in.V, O, sus_mask);
+  const sus::Csr<float>& mask = sus_mask.mask;
+  const index_t w = 4 * d;  // packed values per key, as in sparse_backward_blocked
+  const index_t block_keys = std::max<index_t>(1, std::min<index_t>(n, sus::detail::key_block_bytes() / (w * 4)));
+  float* packed = sus::detail::thread_workspace<float>(block_keys * w);
+  alignas(64) float acc[512] = {};  // 2·d values (d <= 256)
+  if (2 * d > 512) {
+    state.SkipWithError("gather_roofline: d > 256");
+    return;
+  }
+  std::vector<index_t> cursor;
+  const index_t* col = mask.col_indices.data();
+  for (auto _ : state) {
+    cursor.assign(mask.row_offsets.begin(), mask.row_offsets.end() - 1);
+    for (index_t j0 = 0; j0 < n; j0 += block_keys) {
+      const index_t j1 = std::min(n, j0 + block_keys);
+      for (index_t j = j0; j < j1; ++j) {
+        float* r = packed + (j - j0) * w;
+        std::memcpy(r, in.K.row(j).data(), std::size_t(d) * sizeof(float));
+        std::memcpy(r + d, in.V.row(j).data(), std::size_t(d) * sizeof(float));
+        std::fill(r + 2 * d, r + w, 0.0f);
+      }
+      for (index_t i = 0; i < n; ++i) {
+        index_t p = cursor[i];
+        const index_t end = mask.row_offsets[i + 1];
+        for (; p < end && col[p] < j1; ++p) {
+          float* r = packed + (col[p] - j0) * w;
+          for (index_t k = 0; k < 2 * d; ++k) acc[k] += r[k];        // read K_j, V_j
+          for (index_t k = 0; k < 2 * d; ++k) r[2 * d + k] += acc[k];  // update gK_j, gV_j
+        }
+        cursor[i] = p;
+      }
+      for (index_t j = j0; j < j1; ++j) {  // the kernel's store of dK, dV
+        const float* r = packed + (j - j0) * w;
+        std::memcpy(dK.row(j).data(), r + 2 * d, std::size_t(d) * sizeof(float));
+        std::memcpy(dV.row(j).data(), r + 3 * d, std::size_t(d) * sizeof(float));
+      }
+    }
+    benchmark::DoNotOptimize(dV.data());
+    benchmark::ClobberMemory();
+  }
+  set_mask_counters(state, mask);
+}
+
 void backward_lowrank(benchmark::State& state) {
   const index_t n = state.range(0), d = state.range(1);
   sus::lowrank::Options lo;
@@ -242,6 +302,7 @@ BENCHMARK(forward_dense)->ArgNames({"n", "d"})->ArgsProduct({kN, kD})->Unit(benc
 BENCHMARK(forward_sus)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, kD, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(backward_dense)->ArgNames({"n", "d"})->ArgsProduct({kN, kD})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(backward_sus)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, kD, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(gather_roofline)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, {64}, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(sample)->ArgNames({"n", "c"})->ArgsProduct({kN, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // The low-rank comparison estimator: linear in n; r = C(d + g, g) grows fast with d and g.
