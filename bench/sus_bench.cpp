@@ -19,7 +19,7 @@
 //                                 written (16 cache lines at d = 64); no dot products, no dQ.
 //                                 backward_sus cannot beat it without moving fewer bytes.
 //                                 (Packed at every n; the kernel runs unpacked, in place, where
-//                                 one block holds every key: n <= 3072 at d = 64 on 2 MiB L2.)
+//                                 one block holds every key: n <= 1536 at d = 64 with 2 MiB of L2.)
 //   sample/n:N/c:C                sample_mask on a recorded W (n x n), paper/independent.
 //   backward_lowrank/n:N/d:D/g:G  sus::lowrank::attention_backward of degree G (sus/lowrank.hpp)
 //                                 from the forward's lse. 8·n·r·d·d flops, r = C(d + G, G)
