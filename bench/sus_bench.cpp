@@ -8,7 +8,8 @@
 //                                 slower here: S round-trips memory.) The rate the dense kernels
 //                                 are measured against.
 //   forward_dense/n:N/d:D         attention_forward + LogSumExp (no n x n kept). 4·n²·d flops.
-//   forward_sus/n:N/d:D/c:C       attention_forward + SusMask (fused sampling). 4·n²·d flops.
+//   forward_sus/n:N/d:D/c:C       attention_forward + recorders(LogSumExp, SusMask) (fused
+//                                 sampling). 4·n²·d flops.
 //   backward_dense/n:N/d:D        attention_backward_dense from recorded W. 8·n²·d flops.
 //   backward_sus/n:N/d:D/c:C      attention_backward_sparse on a SusMask. 8·nnz·d flops
 //                                 (SDDMM, SpMM, two transposed SpMMs: 2·d each per kept entry).
@@ -32,8 +33,10 @@
 //   forward_sus/n:N/d:D/c:C/h:H/threads:T     (saves the SUS masks)
 //   backward_dense/n:N/d:D/h:H/threads:T      (from saved dense W)
 //   backward_sus/n:N/d:D/c:C/h:H/threads:T
-// T = OpenMP threads (num_threads); the forward splits (head, row block), the backward splits
-// heads, so h:1 backward runs on one thread whatever T.
+// T = OpenMP threads (num_threads); the forward splits (head, row block); backward_dense splits
+// heads, so h:1 runs on one thread whatever T; backward_sus splits heads when there are at
+// least 4 per thread, else runs the two-pass schedule (rows, then keys, each split), so h:1
+// uses every thread.
 // Counters: GFLOP/s (flop model above), nnz (kept entries), kept_per_row.
 #include <benchmark/benchmark.h>
 #include <sus/lowrank.hpp>

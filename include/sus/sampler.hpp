@@ -555,7 +555,24 @@ struct IndependentDraw {
   SUS_ALWAYS_INLINE bool walk(const Q& q, index_t b, index_t n, double start, Out& out) {
     Vec8 x[8];
     load_batch(q, b, n, x);
+    unsigned below_one[4];
+    for (int g = 0; g < 4; ++g) below_one[g] = compare_mask16(x[2 * g], x[2 * g + 1], 1.0, false);
+    for (int k = 0; k < 8; ++k) {
+      walk_factor(x[k], x[k]);
+      prefix8<ChunkStat::survival>(x[k]);
+    }
+    double base[8], ends[4];
+    bool rebase[4];
     double run = start;
+    for (int g = 0; g < 4; ++g) {
+      base[2 * g] = run;
+      run = at(x[2 * g], 7) * run;
+      base[2 * g + 1] = run;
+      run = at(x[2 * g + 1], 7) * run;
+      ends[g] = run;
+      rebase[g] = run < 1e-50;
+      if (rebase[g]) run = 1;
+    }
     for (int g = 0; g < 4; ++g) {
       Vec8& lo = x[2 * g];
       Vec8& hi = x[2 * g + 1];
@@ -563,11 +580,12 @@ struct IndependentDraw {
       // factor 1) repeats the last entry's P up to rounding of the prefix, so it is masked out.
       const index_t rest = n - (b + kSamplerChunk * g);
       const unsigned in_row = rest >= kSamplerChunk ? 0xFFFFu : rest > 0 ? (1u << rest) - 1 : 0u;
-      const unsigned below_one = compare_mask16(lo, hi, 1.0, false);
-      const unsigned open = below_one & in_row, certain = ~below_one & 0xFFFFu;
-      walk_factor(lo, lo);
-      walk_factor(hi, hi);
-      run = running_totals<ChunkStat::survival>(lo, hi, run);
+      const unsigned open = below_one[g] & in_row, certain = ~below_one[g] & 0xFFFFu;
+      Vec8 bv;
+      set_all(bv, base[2 * g]);
+      combine_to<ChunkStat::survival>(lo, bv);
+      set_all(bv, base[2 * g + 1]);
+      combine_to<ChunkStat::survival>(hi, bv);
       unsigned kept = certain, candidates = open;
       for (;;) {
         const unsigned hit = compare_mask16(lo, hi, R, false) & candidates;  // P_j < R
@@ -583,10 +601,7 @@ struct IndependentDraw {
         const index_t j = b + kSamplerChunk * g + lowest_bit(kept);
         out.add(j, q(j));
       }
-      if (run < 1e-50) {
-        R /= run;
-        run = 1;
-      }
+      if (rebase[g]) R /= ends[g];
     }
     R /= run;
     return true;
