@@ -112,18 +112,6 @@ SUS_ALWAYS_INLINE double lane_sum(index_t b, index_t e, F f) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-// Π_{j∈[b,e)} f(j) in double, likewise with 8 partial products (entries with f = 1 appended
-// leave it unchanged).
-template <class F>
-SUS_ALWAYS_INLINE double lane_product(index_t b, index_t e, F f) {
-  double acc[8] = {1, 1, 1, 1, 1, 1, 1, 1};
-  const index_t len = e - b, full = len - len % 8;
-  for (index_t k = 0; k < full; k += 8)
-    for (int l = 0; l < 8; ++l) acc[l] *= f(b + k + l);
-  for (index_t k = full; k < len; ++k) acc[k - full] *= f(b + k);
-  return ((acc[0] * acc[1]) * (acc[2] * acc[3])) * ((acc[4] * acc[5]) * (acc[6] * acc[7]));
-}
-
 }  // namespace detail
 
 /// Inclusion probabilities of one row under `budget`.
@@ -413,8 +401,7 @@ SUS_ALWAYS_INLINE void restart(ScanLanes& s) {
   s.total = identity;
 }
 SUS_ALWAYS_INLINE double q_sum_total(const ScanLanes& s) {
-  const auto v = [&](int l) { return at(s.q_sum, l); };
-  return ((v(0) + v(1)) + (v(2) + v(3))) + ((v(4) + v(5)) + (v(6) + v(7)));
+  return lane_sum(0, 8, [&](index_t l) { return at(s.q_sum, static_cast<int>(l)); });
 }
 
 // ((a ∘ b) ∘ (c ∘ d)) of four groups.
@@ -608,10 +595,6 @@ struct IndependentDraw {
   }
 };
 
-// Scans the row from batch start b until its end or until `out` has no room for another
-// batch's keeps; returns where it stopped. Not inlined, on purpose: nothing in it calls out,
-// so the lanes and the draw's state stay in registers (every vector register is caller-saved;
-// next to push_backs GCC kept the lanes in memory, a store-to-load round trip per batch).
 // One batch [b, b + 64) into the lanes, walked if it hits. Whole: b + 64 ≤ n. The walk loads
 // the batch again, so that x here never leaves registers.
 template <bool Whole, class Q, class D, class Out>
@@ -629,6 +612,10 @@ SUS_ALWAYS_INLINE void scan_batch(const Q& q, index_t b, index_t n, ScanLanes& s
   if (hits<S>(s.total, d.threshold()) && d.walk(q, b, n, start, out)) restart<S>(s);
 }
 
+// Scans the row from batch start b until its end or until `out` has no room for another
+// batch's keeps; returns where it stopped. Not inlined, on purpose: nothing in it calls out,
+// so the lanes and the draw's state stay in registers (every vector register is caller-saved;
+// next to push_backs GCC kept the lanes in memory, a store-to-load round trip per batch).
 template <class Q, class D, class Out>
 SUS_NOINLINE index_t scan_part(const Q& q, index_t b, index_t n, ScanLanes& lanes, D& draw, Out& out) {
   ScanLanes s = lanes;
