@@ -4,7 +4,8 @@
 //
 // Test cases (each names its target):
 //   philox: Random123 known-answer vectors ............ detail::Philox4x32 round function, key schedule,
-//                                                        seed/counter -> word mapping, uniform2
+//                                                        seed/counter -> word mapping, uniform2,
+//                                                        uniform16 == 8 x uniform2
 //   sampler: inclusion frequencies match q ............ sample_mask and reference::sample_mask, all
 //                                                        Budget x Draw, float/double: P(keep) = q, kept
 //                                                        value = W/q, q=0 never / q=1 always kept
@@ -315,6 +316,18 @@ TEST_CASE("philox: Random123 known-answer vectors", "[sampler][philox]") {
     CHECK(u[0] == u0);
     CHECK(u[1] == u1);
     CHECK((u[0] >= 0 && u[0] < 1 && u[1] >= 0 && u[1] < 1));
+    // uniform16 (8 counters at a time; the AVX-512 lanes where the build has them): the same
+    // bits as uniform2 counter by counter, here and across a carry into the high word of c1
+    for (const std::uint64_t first : {c1, std::uint64_t{0xfffffffc}, ~std::uint64_t{0} - 3}) {
+      double many[16];
+      rng.uniform16(c0, first, many);
+      for (std::uint64_t j = 0; j < 8; ++j) {
+        const auto v = rng.uniform2(c0, first + j);
+        CAPTURE(first, j);
+        CHECK(many[j] == v[0]);
+        CHECK(many[8 + j] == v[1]);
+      }
+    }
   }
 }
 
@@ -838,6 +851,84 @@ struct WrittenOutScan {
   }
 };
 
+// A walked batch x[64] in two levels, from running total `start`: the walk's terms t (q for
+// the systematic draw; f = 1 − q, 1 where q ≥ 1, for the independent one), each group of 8's
+// total G_g = ((t_0 ∘ t_4) ∘ (t_2 ∘ t_6)) ∘ ((t_1 ∘ t_5) ∘ (t_3 ∘ t_7)), the groups' ends
+// E = prefix(G) ∘ start, and group g's entries' running totals prefix(t_g) ∘ E_{g−1} (∘: + or ·;
+// prefix: lane l ∘= lane l − 1, then l − 2, then l − 4).
+struct TwoLevel {
+  bool survival;
+  double t[64], E[8];
+  double op(double a, double b) const { return survival ? a * b : a + b; }
+  void prefix(double* v) const {
+    for (int s = 1; s < 8; s *= 2)
+      for (int l = 7; l >= s; --l) v[l] = op(v[l], v[l - s]);
+  }
+  TwoLevel(bool survival_, const double* x, double start) : survival(survival_) {
+    for (int j = 0; j < 64; ++j) t[j] = !survival ? x[j] : x[j] >= 1 ? 1.0 : 1.0 - x[j];
+    for (int g = 0; g < 8; ++g) {
+      const double* v = t + 8 * g;
+      E[g] = op(op(op(v[0], v[4]), op(v[2], v[6])), op(op(v[1], v[5]), op(v[3], v[7])));
+    }
+    prefix(E);
+    for (double& e : E) e = op(e, start);
+  }
+  void running(int g, double start, double* P) const {
+    for (int l = 0; l < 8; ++l) P[l] = t[8 * g + l];
+    prefix(P);
+    for (int l = 0; l < 8; ++l) P[l] = op(P[l], g > 0 ? E[g - 1] : start);
+  }
+};
+
+// The systematic draw's walk (entries b.., the row ends at n): group by group, only while the
+// group's end lies above the point, keep each entry with q > 0 whose C_j lies above it and move
+// the point past C_j.
+template <class Keep>
+void walk_systematic(const double* x, index_t b, index_t n, double start, double& point, int& left, Keep& keep) {
+  const TwoLevel w(false, x, start);
+  for (int g = 0; g < 8; ++g) {
+    if (!(left > 0 && point < w.E[g])) continue;
+    double C[8];
+    w.running(g, start, C);
+    for (int l = 0; l < 8 && left > 0 && point < w.E[g]; ++l) {
+      if (b + 8 * g + l >= n || !(x[8 * g + l] > 0) || !(point < C[l])) continue;
+      keep(b + 8 * g + l);
+      while (point < C[l] && left > 0) {
+        point += 1.0;
+        --left;
+      }
+    }
+  }
+}
+
+// The independent draw's walk: q ≥ 1 kept; group by group, only while the group's end lies
+// below R, each entry with q < 1 and P_j < R is kept and R drawn on below P_j. Returns false
+// (nothing kept) when E_7 < 1e-300: the caller walks the batch re-based.
+std::int64_t rebased_walks = 0;  // batches the re-based walk took (the test checks it runs)
+template <class U, class Keep>
+bool walk_independent(const double* x, index_t b, index_t n, double start, double& R, U& uniform, Keep& keep) {
+  const TwoLevel w(true, x, start);
+  if (!(w.E[7] >= 1e-300)) return false;
+  bool kept[64] = {};
+  for (int j = 0; j < 64; ++j) kept[j] = b + j < n && x[j] >= 1;
+  for (int g = 0; g < 8; ++g) {
+    if (!(w.E[g] < R)) continue;
+    double P[8];
+    w.running(g, start, P);
+    for (int l = 0; l < 8 && w.E[g] < R; ++l) {
+      const int j = 8 * g + l;
+      if (b + j >= n || x[j] >= 1 || !(P[l] < R)) continue;
+      kept[j] = true;
+      do R *= uniform();
+      while (P[l] < R);
+    }
+  }
+  for (int j = 0; j < 64; ++j)
+    if (kept[j]) keep(b + j);
+  R /= w.E[7];
+  return true;
+}
+
 // One row drawn in scalar code: appends (column, W/q) of the kept entries.
 template <class T>
 void draw_row_written_out(const T* w, index_t n, const SamplerOptions& o, index_t row, std::vector<index_t>& cols,
@@ -867,58 +958,61 @@ void draw_row_written_out(const T* w, index_t n, const SamplerOptions& o, index_
     const double start = scan.total;
     scan.add_batch(x);
     scan.total = scan.tree();
-    const bool hit = systematic ? left > 0 && point < scan.total : !(scan.total >= R);
-    if (!hit) continue;
-    double run = start;
-    for (int g = 0; g < 4; ++g) {
-      const double* xg = x + 16 * g;
-      double t[16];
-      for (int l = 0; l < 16; ++l) t[l] = systematic ? xg[l] : (xg[l] >= 1 ? 1.0 : 1.0 - xg[l]);
-      scan.running_totals(t, run);
-      run = t[15];
-      for (int l = 0; l < 16 && b + 16 * g + l < n; ++l) {  // entry by entry, inside the row
-        const index_t j = b + 16 * g + l;
-        if (systematic) {
-          if (xg[l] > 0 && left > 0 && point < t[l]) {
+    if (systematic) {
+      if (left > 0 && point < scan.total) walk_systematic(x, b, n, start, point, left, keep);
+      continue;
+    }
+    if (scan.total >= R) continue;
+    if (!walk_independent(x, b, n, start, R, uniform, keep)) {
+      // re-based: groups of 16 as running products (first 8 ∘ start, last 8 ∘ the first 8's
+      // last), the survival re-based after a group that ends below 1e-50
+      ++rebased_walks;
+      double run = start;
+      for (int g = 0; g < 4; ++g) {
+        const double* xg = x + 16 * g;
+        double t[16];
+        for (int l = 0; l < 16; ++l) t[l] = xg[l] >= 1 ? 1.0 : 1.0 - xg[l];
+        scan.running_totals(t, run);
+        run = t[15];
+        for (int l = 0; l < 16 && b + 16 * g + l < n; ++l) {  // entry by entry, inside the row
+          const index_t j = b + 16 * g + l;
+          if (xg[l] >= 1) {
             keep(j);
-            while (point < t[l] && left > 0) {
-              point += 1.0;
-              --left;
-            }
+          } else if (t[l] < R) {
+            keep(j);
+            do R *= uniform();
+            while (t[l] < R);
           }
-        } else if (xg[l] >= 1) {
-          keep(j);
-        } else if (t[l] < R) {
-          keep(j);
-          do R *= uniform();
-          while (t[l] < R);
+        }
+        if (run < 1e-50) {
+          R /= run;
+          run = 1;
         }
       }
-      if (!systematic && run < 1e-50) {
-        R /= run;
-        run = 1;
-      }
-    }
-    if (!systematic) {
       R /= run;
-      scan.restart();
     }
+    scan.restart();
   }
 }
 
 template <class T>
 void check_scan_written_out() {
   std::int64_t rows = 0, kept = 0, mismatches = 0;
+  rebased_walks = 0;
   std::ostringstream first;
   for (index_t n : {1, 15, 16, 17, 63, 64, 65, 100, 128, 130, 200, 1000, 4099})
     for (double spread : {0.5, 3.0, 8.0})  // flat rows, peaked rows, rows with several q = 1
       for (int c : {1, 4, 32, 300})        // 300: more kept entries than one flush of the buffer
         for (Budget b : kBudgets)
           for (Draw d : kDraws) {
-            Mat<double> Wd = Mat<double>::Zero(3, n);
+            Mat<double> Wd = Mat<double>::Zero(4, n);
             set_random_row(Wd, 0, 900 + static_cast<std::uint64_t>(n), spread);
             set_random_row(Wd, 1, 901 + static_cast<std::uint64_t>(n), spread);
-            // row 2 all zero
+            // row 2 all zero; row 3 (n >= 1000): 200 weights just below 1/300, so at c = 300
+            // whole batches of q = 0.99999 whose survival leaves the normal range (the
+            // re-based walk), the other third of the mass spread flat
+            if (n >= 1000)
+              for (index_t j = 0; j < n; ++j) Wd(3, j) = j < 200 ? 0.99999 / 300 : (1 - 200 * (0.99999 / 300)) / double(n - 200);
             const Mat<T> W = Wd.cast<T>();
             const SamplerOptions o = make_options(c, b, d, 17 + static_cast<std::uint64_t>(c));
             sus::RowSampler<T> sampler(o);
@@ -936,8 +1030,10 @@ void check_scan_written_out() {
                       << sus::to_string(d) << " row " << i << ": kept " << c1.size() << " vs " << c2.size();
             }
           }
-  INFO(rows << " rows, " << kept << " kept entries; first mismatch: " << first.str());
-  CHECK(kept > 20000);  // the comparison covers many kept entries
+  INFO(rows << " rows, " << kept << " kept entries, " << rebased_walks << " re-based walks; first mismatch: "
+            << first.str());
+  CHECK(kept > 20000);       // the comparison covers many kept entries
+  CHECK(rebased_walks > 0);  // ... and the re-based walk
   CHECK(mismatches == 0);
 }
 
@@ -980,10 +1076,17 @@ void check_scan_primitives() {
       double t[16];
       for (int l = 0; l < 8; ++l) t[l] = at(a, l), t[l + 8] = at(b, l);
       ref.running_totals(t, 0.375);
-      Vec8 lo = a, hi = b;
-      const double last = survival ? running_totals<ChunkStat::survival>(lo, hi, 0.375)
-                                   : running_totals<ChunkStat::sum>(lo, hi, 0.375);
-      CHECK(bits(last) == bits(t[15]));
+      // the same with the library's prefix8 and combine_to
+      Vec8 lo = a, hi = b, base;
+      if (survival) {
+        prefix8<ChunkStat::survival>(lo), prefix8<ChunkStat::survival>(hi);
+        set_all(base, 0.375), combine_to<ChunkStat::survival>(lo, base);
+        set_all(base, at(lo, 7)), combine_to<ChunkStat::survival>(hi, base);
+      } else {
+        prefix8<ChunkStat::sum>(lo), prefix8<ChunkStat::sum>(hi);
+        set_all(base, 0.375), combine_to<ChunkStat::sum>(lo, base);
+        set_all(base, at(lo, 7)), combine_to<ChunkStat::sum>(hi, base);
+      }
       for (int l = 0; l < 8; ++l) {
         CHECK(bits(at(lo, l)) == bits(t[l]));
         CHECK(bits(at(hi, l)) == bits(t[l + 8]));
@@ -1001,6 +1104,14 @@ void check_scan_primitives() {
       }
       if (survival) add_batch<ChunkStat::survival>(lanes, x);
       else add_batch<ChunkStat::sum>(lanes, x);
+      Vec8 groups;  // the groups' totals (the walks' first level)
+      if (survival) group_totals<ChunkStat::survival>(x, groups);
+      else group_totals<ChunkStat::sum>(x, groups);
+      for (int g = 0; g < 8; ++g) {
+        const double* v = xs + 8 * g;
+        CHECK(bits(at(groups, g)) ==
+              bits(ref.op(ref.op(ref.op(v[0], v[4]), ref.op(v[2], v[6])), ref.op(ref.op(v[1], v[5]), ref.op(v[3], v[7])))));
+      }
       ref.add_batch(xs);
       for (int l = 0; l < 8; ++l) {
         CHECK(bits(at(lanes.lo, l)) == bits(ref.lane[l]));
