@@ -47,7 +47,7 @@
 #include "error.hpp"
 #include "types.hpp"
 
-#if defined(SUS_VECTOR_EXTENSIONS) && defined(__AVX512F__)
+#if defined(SUS_VECTOR_EXTENSIONS) && defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -253,6 +253,24 @@ SUS_ALWAYS_INLINE void to_f64x8(const Lanes8<float>::type& x, f64x8& out) {
 }
 SUS_ALWAYS_INLINE void to_f64x8(const Lanes8<double>::type& x, f64x8& out) { out = x; }
 
+// x = x < m ? x : m lane by lane: std::min(m, x)'s operation. On x86 one vminps/vminpd, which
+// is that operation exactly (the second operand where either is NaN or they compare equal);
+// GCC writes the ternary as a compare and a blend, two instructions.
+SUS_ALWAYS_INLINE void min_to(Lanes8<float>::type& x, const Lanes8<float>::type& m) {
+#if defined(__AVX__)
+  x = reinterpret_cast<Lanes8<float>::type>(_mm256_min_ps(reinterpret_cast<__m256>(x), reinterpret_cast<__m256>(m)));
+#else
+  x = x < m ? x : m;
+#endif
+}
+SUS_ALWAYS_INLINE void min_to(Lanes8<double>::type& x, const Lanes8<double>::type& m) {
+#if defined(__AVX512F__)
+  x = reinterpret_cast<Lanes8<double>::type>(_mm512_min_pd(reinterpret_cast<__m512d>(x), reinterpret_cast<__m512d>(m)));
+#else
+  x = x < m ? x : m;
+#endif
+}
+
 // q_j .. q_{j+7} as doubles.
 template <class T>
 SUS_ALWAYS_INLINE void load_q8(const ArrayQ<T>& q, index_t j, f64x8& out) {
@@ -267,7 +285,7 @@ SUS_ALWAYS_INLINE void load_q8(const PaperQ<T>& q, index_t j, f64x8& out) {
   std::memcpy(&x, q.w + j, sizeof x);
   const V one = V{} + T(1);
   x = q.lam * x;
-  x = x < one ? x : one;  // std::min(T(1), λ·w_j)
+  min_to(x, one);  // std::min(T(1), λ·w_j)
   to_f64x8(x, out);
 }
 
