@@ -10,6 +10,12 @@
 //   forward_dense/n:N/d:D         attention_forward + LogSumExp (no n x n kept). 4·n²·d flops.
 //   forward_sus/n:N/d:D/c:C       attention_forward + recorders(LogSumExp, SusMask) (fused
 //                                 sampling). 4·n²·d flops.
+//   forward_pair/n:N/d:D/c:C      forward_dense and forward_sus back to back in every iteration
+//                                 (their order alternating), each timed on its own: counter
+//                                 sus_over_dense is the median over the iterations of the pair's
+//                                 time ratio, a figure a slow spell of the host moves far less
+//                                 than the ratio of two medians taken minutes apart (target 3's
+//                                 context). 5 pairs per repetition.
 //   backward_dense/n:N/d:D        attention_backward_dense from recorded W. 8·n²·d flops.
 //   backward_sus/n:N/d:D/c:C      attention_backward_sparse on a SusMask. 8·nnz·d flops
 //                                 (SDDMM, SpMM, two transposed SpMMs: 2·d each per kept entry).
@@ -26,6 +32,8 @@
 //                                 from the forward's lse. 8·n·r·d·d flops, r = C(d + G, G)
 //                                 (its four state products); linear in n at fixed d and G.
 // Single head, non-causal, d_v = d, float, Q, K ~ N(0, 1.5²) (mildly peaked attention).
+// Threads: the binary links OpenMP, so Eigen runs the single-head cases' GEMMs on
+// OMP_NUM_THREADS threads (all cores when unset); bench/report sets it (1 unless --threads).
 //
 // Multi-head shape (B = 1, H heads, through multihead_attention_forward / _backward, [B, S, H, D]
 // layout), the same kinds with two more arguments, flops x H:
@@ -43,6 +51,7 @@
 #include <sus/sus.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -135,6 +144,40 @@ void forward_sus(benchmark::State& state) {
     benchmark::DoNotOptimize(mask.mask.values.data());
   }
   set_rate(state, 4.0 * n * n * d);
+  set_mask_counters(state, mask.mask);
+}
+
+void forward_pair(benchmark::State& state) {
+  const index_t n = state.range(0), d = state.range(1);
+  const int c = static_cast<int>(state.range(2));
+  const Inputs& in = inputs(n, d);
+  Mat O(n, d);
+  sus::LogSumExp<float> lse;
+  sus::SusMask<float> mask(sampler(c));
+  const auto timed = [](auto&& run) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  const auto dense = [&] {
+    sus::attention_forward(in.Q, in.K, in.V, O, lse);
+    benchmark::DoNotOptimize(O.data());
+  };
+  const auto with_mask = [&] {
+    sus::attention_forward(in.Q, in.K, in.V, O, sus::recorders(lse, mask));
+    benchmark::DoNotOptimize(mask.mask.values.data());
+  };
+  std::vector<double> ratios;
+  for (auto _ : state) {
+    const bool sus_first = ratios.size() % 2 == 1;
+    const double t_sus_first = sus_first ? timed(with_mask) : 0;
+    const double t_dense = timed(dense);
+    const double t_sus = sus_first ? t_sus_first : timed(with_mask);
+    ratios.push_back(t_sus / t_dense);
+  }
+  std::sort(ratios.begin(), ratios.end());
+  const std::size_t m = ratios.size();
+  state.counters["sus_over_dense"] = m % 2 ? ratios[m / 2] : 0.5 * (ratios[m / 2 - 1] + ratios[m / 2]);
   set_mask_counters(state, mask.mask);
 }
 
@@ -303,6 +346,8 @@ const std::vector<int64_t> kC = {16, 32, 64};
 BENCHMARK(gemm_roofline)->ArgNames({"n", "d"})->ArgsProduct({kN, kD})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(forward_dense)->ArgNames({"n", "d"})->ArgsProduct({kN, kD})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(forward_sus)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, kD, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(forward_pair)->ArgNames({"n", "d", "c"})->ArgsProduct({{4096, 8192}, {64}, {32}})->Iterations(5)
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(backward_dense)->ArgNames({"n", "d"})->ArgsProduct({kN, kD})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(backward_sus)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, kD, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(gather_roofline)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, {64}, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
