@@ -71,10 +71,11 @@ TEST_CASE("reference backward matches float64 central finite differences within 
 
 TEST_CASE("GEMM dense backward (float) matches the float64 reference within 1e-5", "[backward]") {
   const Shape shapes[] = {
-      {64, 64, 16, 16, true, "causal, less than one backward block (256)"},
-      {300, 300, 64, 64, true, "causal, a full and a partial block: dK/dV rows beyond the block"},
-      {257, 100, 32, 24, false, "n_q one past a block, cross attention"},
-      {3, 500, 8, 8, false, "few queries, many keys"},
+      {64, 64, 16, 16, true, "causal, less than one row block (128) and one key tile (256)"},
+      {300, 300, 64, 64, true, "causal, full and partial row blocks and key tiles: dK/dV rows beyond a block"},
+      {257, 100, 32, 24, false, "n_q one past two row blocks, cross attention"},
+      {3, 500, 8, 8, false, "few queries, many keys: a full and a partial key tile"},
+      {130, 777, 16, 8, true, "causal cross attention: blocks see 3 and 4 key tiles, the last partial"},
   };
   std::uint64_t seed = 500;
   for (const Shape& s : shapes) {
