@@ -75,12 +75,13 @@ TEST_CASE("GEMM dense backward (float) matches the float64 reference within 1e-5
       {300, 300, 64, 64, true, "causal, full and partial row blocks and key tiles: dK/dV rows beyond a block"},
       {257, 100, 32, 24, false, "n_q one past two row blocks, cross attention"},
       {3, 500, 8, 8, false, "few queries, many keys: a full and a partial key tile"},
-      {130, 777, 16, 8, true, "causal cross attention: blocks see 3 and 4 key tiles, the last partial"},
+      {130, 770, 16, 8, true, "causal cross attention, bottom-right: the blocks see 768 keys (3 full tiles) and 770 (a partial 4th)",
+       sus::CausalAlignment::bottom_right},
   };
   std::uint64_t seed = 500;
   for (const Shape& s : shapes) {
     INFO(s.targets);
-    const Problem<float> p(s.n_q, s.n_k, s.d, s.d_v, s.causal, seed += 10, 2.0);
+    const Problem<float> p(s.n_q, s.n_k, s.d, s.d_v, s.causal, seed += 10, 2.0, s.alignment);
     Grads<float> g(p);
     sus::attention_backward_dense(p.Q, p.K, p.V, p.O, p.dO, p.W, g.dQ, g.dK, g.dV, p.options);
     Grads<double> r(p);

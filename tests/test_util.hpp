@@ -43,6 +43,7 @@ struct Shape {
   index_t n_q, n_k, d, d_v;
   bool causal;
   const char* targets;
+  sus::CausalAlignment alignment = sus::CausalAlignment::top_left;
 };
 
 // One attention problem (single head) with its exact forward state.
@@ -51,13 +52,15 @@ struct Problem {
   M<T> Q, K, V, dO, O, W;
   sus::AttentionOptions options;
 
-  Problem(index_t n_q, index_t n_k, index_t d, index_t d_v, bool causal, std::uint64_t seed, double qk_scale = 1.0)
+  Problem(index_t n_q, index_t n_k, index_t d, index_t d_v, bool causal, std::uint64_t seed, double qk_scale = 1.0,
+          sus::CausalAlignment alignment = sus::CausalAlignment::top_left)
       : Q(random_matrix<T>(n_q, d, seed, qk_scale)),
         K(random_matrix<T>(n_k, d, seed + 1, qk_scale)),
         V(random_matrix<T>(n_k, d_v, seed + 2)),
         dO(random_matrix<T>(n_q, d_v, seed + 3)),
         O(n_q, d_v) {
     options.causal = causal;
+    options.alignment = alignment;
     sus::DenseWeights<T> rec;
     sus::attention_forward(Q, K, V, O, rec, options);
     W = rec.W;

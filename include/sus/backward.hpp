@@ -100,9 +100,9 @@ struct DenseBackwardConfig {
   // so a tile's operands stay in L2 from one GEMM to the next; without tiling they are
   // row_block x n_k (4 MiB at n_k = 8192) and go round the last-level cache. Measured on a
   // 2-vCPU AMD EPYC (AVX-512; 1 MiB L2 per core, 32 MiB L3), one thread, float, tiles of 256
-  // against whole rows alternated in one process (median time ratio): d = 64: 0.95 (n = 1024), 0.97 (2048), 0.90 (4096), 0.94 (8192),
-  // 0.85 (16384); d = 128: 0.98 (4096), 0.91 (8192). Tiles of 512 and 1024 gave 0.92-0.97 at
-  // n = 8192, d = 64.
+  // against whole rows alternated in one process (median time ratio): d = 64: 0.95 (n = 1024),
+  // 0.97 (2048), 0.90 (4096), 0.94 (8192), 0.85 (16384); d = 128: 0.98 (4096), 0.91 (8192).
+  // Tiles of 512 and 1024 gave 0.92-0.97 at n = 8192, d = 64.
   static constexpr index_t key_tile = 256;
   static_assert(key_tile > 0, "DenseBackwardConfig::key_tile must be positive");
 };

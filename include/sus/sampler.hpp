@@ -201,8 +201,8 @@ struct PaperQ {
 // running totals entry by entry (the same prefix), compared with the point as a bit mask.
 // The walk's totals and the lanes' round differently (by ~1e-16), so a point may fall in the
 // gap past a batch's last interval and before the lanes' total at its end: it then goes to the
-// next entry with q > 0 (systematic), or nowhere (independent, whose level is re-based at the
-// walk's end). Measured on rows of 8192 weights at c = 32 (the walks of ~25 batches a row):
+// next entry with q > 0 (systematic), or with q < 1 (independent, whose level is re-based at
+// the walk's end, to within rounding of 1). Measured on rows of 8192 weights at c = 32 (the walks of ~25 batches a row):
 // 2.85 -> 1.90 µs a row (systematic) against a full 64-entry prefix per walk; with the 8
 // random counters of the independent draw's refill computed together (AVX-512), 4.2 -> 2.6 µs.
 //
@@ -592,8 +592,9 @@ struct SystematicDraw {
 // the next point, j holds a point iff P_j < R ≤ P_{j−1}; the point after it has level R·U, U
 // uniform on (0, 1] (exponential gaps). Entries with q_j = 1 are always kept (and left out of
 // P). After each walked batch R is taken relative to the batch's end and the lanes restart at
-// 1; within a walk P is re-based once it falls below 1e-50, so with each group's 16 factors
-// ≥ 2^-53 nothing underflows.
+// 1. The two-level walk needs the batch's survival to stay in the normal range (E_7 ≥ 1e-280);
+// a batch that falls below takes walk_rebased, where P is re-based once it falls below 1e-50,
+// so with each group's 16 factors ≥ 2^-53 nothing underflows.
 template <class T>
 struct IndependentDraw {
   static constexpr ChunkStat stat = ChunkStat::survival;
@@ -601,7 +602,7 @@ struct IndependentDraw {
   std::uint64_t row;
   std::uint64_t draws = 0;
   double R = 0;  // the next point's level, relative to the last re-basing
-  double ahead[16] = {};  // draws [draws & ~15, +16): uniform2(row, draws / 2) 8 counters at a time
+  double ahead[16] = {};  // draws [(draws − 1) & ~15, +16): uniform2 of 8 counters at a time
   SUS_ALWAYS_INLINE double uniform_open0() {  // U in (0, 1]: draw k is uniform2(row, k / 2)[k & 1]
     const unsigned k = static_cast<unsigned>(draws++ & 15);
     if (k == 0) rng->uniform16(row, (draws - 1) / 2, ahead);
@@ -614,8 +615,9 @@ struct IndependentDraw {
   // entry by entry. A group is left when its end no longer lies below R (the next point lies
   // further on); a point that lies below E_g but above every open entry of group g (rounding
   // between the two levels, ~1e-16) goes to the next group. Rows whose survival would leave the
-  // normal range inside the batch (E_7 < 1e-300: factors 1 − q of ~2^-24 or less, only where
-  // a batch holds tens of q within 1e-5 of 1) take walk_rebased, which re-bases as it goes.
+  // normal range inside the batch (E_7 < 1e-280, so that R, which a draw can take 2^-53 below
+  // E_7, stays normal too; only where a batch holds tens of q within 1e-5 of 1) take
+  // walk_rebased, which re-bases as it goes.
   template <class Q, class Out>
   SUS_ALWAYS_INLINE bool walk(const Q& q, index_t b, index_t n, double start, Out& out) {
     Vec8 f[8];
@@ -633,7 +635,7 @@ struct IndependentDraw {
     set_all(base, start);
     mul_to(ends, base);
     const double end = at(ends, 7);
-    if (!(end >= 1e-300)) return walk_rebased(q, b, n, start, out);
+    if (!(end >= 1e-280)) return walk_rebased(q, b, n, start, out);
     Vec8 P;
     unsigned candidates = 0;
     for (int from = 0, g = -1;;) {
