@@ -202,6 +202,20 @@ void check_fused_equals_composition(const Shape& sh, bool accumulate) {
     CHECK(blocked.dK == composed.dK);
     CHECK(blocked.dV == composed.dV);
   }
+  // The split passes (rows, then keys by ranges) with any key range: the same bits.
+  for (index_t range : {index_t(1), index_t(7), index_t(64), n_k}) {
+    INFO("range_keys=" << range);
+    Grads<T> split(p);
+    split.dQ = random_matrix<T>(n_q, d, 1);
+    split.dK = random_matrix<T>(n_k, d, 2);
+    split.dV = random_matrix<T>(n_k, d_v, 3);
+    const sus::ConstMatrixRef<T> Q(p.Q), K(p.K), V(p.V), O(p.O), dO(p.dO);
+    sus::MatrixRef<T> dQ(split.dQ), dK(split.dK), dV(split.dV);
+    sus::detail::sparse_backward_split<T>({Q, K, V, O, dO, dQ, dK, dV}, mask, s, accumulate, accumulate, range);
+    CHECK(split.dQ == composed.dQ);
+    CHECK(split.dK == composed.dK);
+    CHECK(split.dV == composed.dV);
+  }
 }
 }  // namespace
 
@@ -210,9 +224,10 @@ TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed
   // accumulator in registers where the compiler has vector extensions); (24, 20) the run-time
   // one. A head whose K, V, dK, dV fit one key block (key_block_bytes(): 256 KiB to 8 MiB,
   // from the L2 size) runs in place; a larger one (n_k = 16384 at d = 64, 48000 at (24, 20),
-  // 11000 at (64, 128): over 8 MiB on any machine) by key blocks. The shapes between (1100 at
-  // d = 64, 3100 at (24, 20)) take either path depending on the machine's L2, and every shape
-  // also runs the blocked kernel with block sizes 1, 7, 64 and n_k.
+  // 11000 at (64, 128): over 8 MiB on any machine) by the split passes (its K and V are
+  // contiguous). The shapes between (1100 at d = 64, 3100 at (24, 20)) take either path
+  // depending on the machine's L2, and every shape also runs the key-blocked kernel with block
+  // sizes 1, 7, 64 and n_k and the split passes with key ranges of 1, 7, 64 and n_k keys.
   using Config = sus::detail::SparseBackwardConfig;
   static_assert(16384 * (64 + 64) * 2 * sizeof(float) > Config::max_block_bytes, "16384 x 64: key blocks");
   static_assert(48000 * (24 + 20) * 2 * sizeof(float) > Config::max_block_bytes, "48000 x (24, 20): key blocks");
@@ -226,10 +241,10 @@ TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed
                           {40, 1100, 64, 64, false, "in place or blocked (L2)"},
                           {1100, 1100, 64, 64, true, "in place or blocked (L2), causal"},
                           {30, 3100, 24, 20, false, "run-time dims, in place or blocked (L2)"},
-                          {24, 16384, 64, 64, false, "key blocks"},
-                          {40, 16384, 64, 64, true, "key blocks, causal"},
-                          {10, 48000, 24, 20, false, "run-time dims, key blocks"},
-                          {20, 11000, 64, 128, false, "d != d_v (run-time rows, 128-long D_i), key blocks"}};
+                          {24, 16384, 64, 64, false, "split passes"},
+                          {40, 16384, 64, 64, true, "split passes, causal"},
+                          {10, 48000, 24, 20, false, "run-time dims, split passes"},
+                          {20, 11000, 64, 128, false, "d != d_v (run-time rows, 128-long D_i), split passes"}};
   for (const Shape& sh : shapes)
     for (bool accumulate : {false, true}) check_fused_equals_composition<float>(sh, accumulate);
   // double: the register rows hold 8 lanes per vector (64: 8 vectors, 128: 16)

@@ -55,6 +55,20 @@ struct SparseBackwardConfig {
   // Kept entries of a row whose dS are computed before their axpys (fused kernel).
   static constexpr index_t chunk = 64;
   static_assert(chunk > 0, "SparseBackwardConfig::chunk must be positive");
+  // A single head that does not fit one key block runs the split passes (sparse_backward_split:
+  // the rows pass, then the keys pass over key ranges whose gK, gV take at most key_range_bytes
+  // of workspace), not the key-blocked fused kernel, when its K and V rows are back to back.
+  // Measured on a 2-vCPU AMD EPYC (AVX-512; 1 MiB L2 per core, 32 MiB L3), one thread, float,
+  // c = 32, attention_backward_sparse with either kernel alternated in one process (median ms
+  // of two runs; key blocks of 768 KiB here): d = 64: 0.30 vs 0.34 (n = 1024), 0.72 vs 0.80
+  // (2048), 1.76-2.04 vs 2.11-2.31 (4096), 4.55-4.96 vs 5.83-6.19 (8192), 11.9-17.4 vs
+  // 24.5-36.3 (16384); d = 128, n = 8192: 15.5 vs 26.2. Both passes at d = 128, n = 8192: 12.2
+  // ms with two key ranges of 4 MiB (with argument checks) against 16.4 with one range of 8 MiB
+  // (without). Every key block visits
+  // every query row (Q_i, dO_i and the dQ accumulator through L2, an O(n²/block) term), which
+  // the split does not pay; it moves the same lines per kept entry in two simpler streams.
+  static constexpr index_t key_range_bytes = index_t(4) << 20;
+  static_assert(key_range_bytes > 0, "SparseBackwardConfig::key_range_bytes must be positive");
 };
 
 // Hint the cache to load [p, p + bytes). A no-op where the compiler has no prefetch builtin.
@@ -551,14 +565,38 @@ template <class T>
 void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv,
                              index_t block_keys);
 
+// The SUS backward as the threaded schedule's two passes, one after the other on this thread:
+// the rows pass (dQ, and every dS_ij stored at its position in the mask), then the keys pass
+// over key ranges of at most range_keys keys (gK, gV of a range in the thread's workspace).
+// The same operations in the same order as the fused kernel: the same bits, for any range.
+template <class T>
+void sparse_backward_split(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv,
+                           index_t range_keys) {
+  const index_t n_q = a.Q.rows(), n_k = a.K.rows();
+  std::vector<T> dS(static_cast<std::size_t>(mask.nnz()));
+  sparse_backward_rows<T>(a, mask, dS.data(), nullptr, 0, s, acc_q, 0, n_q);
+  if (n_k == 0) return;
+  for (index_t j0 = 0; j0 < n_k; j0 += range_keys)
+    sparse_backward_keys<T>(a, mask, dS.data(), s, acc_kv, j0, std::min(n_k, j0 + range_keys));
+}
+
+// Which single-head kernel runs (SparseBackwardConfig): in place when K, V, dK, dV fit one key
+// block; else the split passes when K and V rows are back to back; else (strided K or V, the
+// heads of a fused buffer) by key blocks, which packs them.
 template <class T>
 void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv) {
+  using C = SparseBackwardConfig;
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
   const index_t row_bytes = 2 * (d + d_v) * index_t(sizeof(T));  // K_j, V_j, gK_j, gV_j of one key
   const index_t block_keys = std::max<index_t>(1, key_block_bytes() / row_bytes);
-  if (n_k > block_keys || acc_kv || !rows_contiguous(a.K) || !rows_contiguous(a.V) || !rows_contiguous(a.dK) ||
-      !rows_contiguous(a.dV)) {
-    sparse_backward_blocked<T>(a, mask, s, acc_q, acc_kv, block_keys);
+  const bool kv_contiguous = rows_contiguous(a.K) && rows_contiguous(a.V);
+  if (n_k > block_keys || acc_kv || !kv_contiguous || !rows_contiguous(a.dK) || !rows_contiguous(a.dV)) {
+    if (kv_contiguous) {
+      const index_t range_keys = std::max<index_t>(1, C::key_range_bytes / ((d + d_v) * index_t(sizeof(T))));
+      sparse_backward_split<T>(a, mask, s, acc_q, acc_kv, range_keys);
+    } else {
+      sparse_backward_blocked<T>(a, mask, s, acc_q, acc_kv, block_keys);
+    }
     return;
   }
   // In place: gK, gV (the unscaled transposed sums) are accumulated straight in dK, dV.
