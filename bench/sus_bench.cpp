@@ -19,14 +19,15 @@
 //   backward_dense/n:N/d:D        attention_backward_dense from recorded W. 8·n²·d flops.
 //   backward_sus/n:N/d:D/c:C      attention_backward_sparse on a SusMask. 8·nnz·d flops
 //                                 (SDDMM, SpMM, two transposed SpMMs: 2·d each per kept entry).
-//   gather_roofline/n:N/d:D/c:C   the memory traffic of backward_sus alone, on its mask: the
-//                                 key blocks packed as the kernel packs them ([K_j | V_j | gK_j |
-//                                 gV_j], key_block_bytes() each), and for every kept entry, in
-//                                 the kernel's order, K_j and V_j read and gK_j, gV_j read and
-//                                 written (16 cache lines at d = 64); no dot products, no dQ.
-//                                 backward_sus cannot beat it without moving fewer bytes.
-//                                 (Packed at every n; the kernel runs unpacked, in place, where
-//                                 one block holds every key: n <= 1536 at d = 64 with 2 MiB of L2.)
+//   gather_roofline/n:N/d:D/c:C   the memory traffic of the key-blocked fused kernel alone
+//                                 (sparse_backward_blocked: strided heads), on backward_sus's mask:
+//                                 the key blocks packed as that kernel packs them ([K_j | V_j |
+//                                 gK_j | gV_j], key_block_bytes() each), and for every kept entry,
+//                                 in its order, K_j and V_j read and gK_j, gV_j read and written
+//                                 (16 cache lines at d = 64); no dot products, no dQ. Contiguous
+//                                 single heads larger than one block run the split passes
+//                                 instead, which pay no per-block visit of every query row and
+//                                 run below this floor.
 //   sample/n:N/c:C                sample_mask on a recorded W (n x n), paper/independent.
 //   backward_lowrank/n:N/d:D/g:G  sus::lowrank::attention_backward of degree G (sus/lowrank.hpp)
 //                                 from the forward's lse. 8·n·r·d·d flops, r = C(d + G, G)
