@@ -188,33 +188,29 @@ void check_fused_equals_composition(const Shape& sh, bool accumulate) {
   CHECK(fused.dV == composed.dV);
   CAPTURE((fused.dK - composed.dK).cwiseAbs().maxCoeff());
   // The key-blocked kernel with any block size (one key; a block that does not divide n_k;
-  // all keys in one block): the same bits, whichever path the public call took on this machine.
-  for (index_t block : {index_t(1), index_t(7), index_t(64), n_k}) {
-    INFO("block_keys=" << block);
-    Grads<T> blocked(p);
-    blocked.dQ = random_matrix<T>(n_q, d, 1);
-    blocked.dK = random_matrix<T>(n_k, d, 2);
-    blocked.dV = random_matrix<T>(n_k, d_v, 3);
+  // all keys in one block), and the split passes (rows, then keys by ranges) with any key range:
+  // the same bits, whichever path the public call took on this machine.
+  using Args = sus::detail::BackwardArgs<T>;
+  const auto check_variant = [&](const char* what, index_t size, auto&& run) {
+    INFO(what << "=" << size);
+    Grads<T> g(p);
+    g.dQ = random_matrix<T>(n_q, d, 1);
+    g.dK = random_matrix<T>(n_k, d, 2);
+    g.dV = random_matrix<T>(n_k, d_v, 3);
     const sus::ConstMatrixRef<T> Q(p.Q), K(p.K), V(p.V), O(p.O), dO(p.dO);
-    sus::MatrixRef<T> dQ(blocked.dQ), dK(blocked.dK), dV(blocked.dV);
-    sus::detail::sparse_backward_blocked<T>({Q, K, V, O, dO, dQ, dK, dV}, mask, s, accumulate, accumulate, block);
-    CHECK(blocked.dQ == composed.dQ);
-    CHECK(blocked.dK == composed.dK);
-    CHECK(blocked.dV == composed.dV);
-  }
-  // The split passes (rows, then keys by ranges) with any key range: the same bits.
-  for (index_t range : {index_t(1), index_t(7), index_t(64), n_k}) {
-    INFO("range_keys=" << range);
-    Grads<T> split(p);
-    split.dQ = random_matrix<T>(n_q, d, 1);
-    split.dK = random_matrix<T>(n_k, d, 2);
-    split.dV = random_matrix<T>(n_k, d_v, 3);
-    const sus::ConstMatrixRef<T> Q(p.Q), K(p.K), V(p.V), O(p.O), dO(p.dO);
-    sus::MatrixRef<T> dQ(split.dQ), dK(split.dK), dV(split.dV);
-    sus::detail::sparse_backward_split<T>({Q, K, V, O, dO, dQ, dK, dV}, mask, s, accumulate, accumulate, range);
-    CHECK(split.dQ == composed.dQ);
-    CHECK(split.dK == composed.dK);
-    CHECK(split.dV == composed.dV);
+    sus::MatrixRef<T> dQ(g.dQ), dK(g.dK), dV(g.dV);
+    run(Args{Q, K, V, O, dO, dQ, dK, dV}, size);
+    CHECK(g.dQ == composed.dQ);
+    CHECK(g.dK == composed.dK);
+    CHECK(g.dV == composed.dV);
+  };
+  for (index_t size : {index_t(1), index_t(7), index_t(64), n_k}) {
+    check_variant("block_keys", size, [&](const Args& a, index_t block) {
+      sus::detail::sparse_backward_blocked<T>(a, mask, s, accumulate, accumulate, block);
+    });
+    check_variant("range_keys", size, [&](const Args& a, index_t range) {
+      sus::detail::sparse_backward_split<T>(a, mask, s, accumulate, accumulate, range);
+    });
   }
 }
 }  // namespace

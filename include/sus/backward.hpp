@@ -575,7 +575,6 @@ void sparse_backward_split(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bo
   const index_t n_q = a.Q.rows(), n_k = a.K.rows();
   std::vector<T> dS(static_cast<std::size_t>(mask.nnz()));
   sparse_backward_rows<T>(a, mask, dS.data(), nullptr, 0, s, acc_q, 0, n_q);
-  if (n_k == 0) return;
   for (index_t j0 = 0; j0 < n_k; j0 += range_keys)
     sparse_backward_keys<T>(a, mask, dS.data(), s, acc_kv, j0, std::min(n_k, j0 + range_keys));
 }

@@ -523,6 +523,36 @@ struct KeptBuffer {
   }
 };
 
+// The two levels of a walked batch (both draws), from the terms t (q, or the survival factors)
+// and the running total `start` at the batch's start: ends lane g = the running total at group
+// g's end (the groups' totals by one tree, then their inclusive prefix, then ∘ start), and
+// running(g) group g's entries as running totals (their prefix ∘ the end of group g − 1).
+// first_past(v, from): the groups from `from` on whose end has passed v (lies above it for
+// sums, below it for survivals), as a bit mask.
+template <ChunkStat S>
+struct TwoLevelTotals {
+  const Vec8 (&t)[8];
+  double start;
+  Vec8 ends;
+  SUS_ALWAYS_INLINE TwoLevelTotals(const Vec8 (&terms)[8], double start_) : t(terms), start(start_) {
+    Vec8 base;
+    group_totals<S>(t, ends);
+    prefix8<S>(ends);
+    set_all(base, start);
+    combine_to<S>(ends, base);
+  }
+  SUS_ALWAYS_INLINE unsigned past(double v, int from) const {
+    return compare_mask8(ends, v, S == ChunkStat::sum) & (0xFFu << from);
+  }
+  SUS_ALWAYS_INLINE void running(int g, Vec8& out) const {
+    Vec8 base;
+    out = t[g];
+    prefix8<S>(out);
+    set_all(base, g > 0 ? at(ends, g - 1) : start);
+    combine_to<S>(out, base);
+  }
+};
+
 // The systematic draw: points u, u+1, ..., u+c−1 on the axis of cumulative q; keep j iff a
 // point falls in [C_{j−1}, C_j).
 struct SystematicDraw {
@@ -547,23 +577,17 @@ struct SystematicDraw {
     load_batch(q, b, n, x);
     std::uint64_t open = 0;  // q > 0
     for (int k = 0; k < 8; ++k) open |= std::uint64_t{compare_mask8(x[k], 0.0, true)} << (8 * k);
-    Vec8 ends, base, C;
-    group_totals<ChunkStat::sum>(x, ends);
-    prefix8<ChunkStat::sum>(ends);
-    set_all(base, start);
-    add_to(ends, base);
+    const TwoLevelTotals<ChunkStat::sum> levels(x, start);
+    Vec8 C;
     unsigned candidates = 0;
     for (int from = 0, g = -1; points_left > 0;) {
       // the group that holds the point: the first from `from` on whose end lies above it
-      const unsigned groups = compare_mask8(ends, point, true) & (0xFFu << from);
+      const unsigned groups = levels.past(point, from);
       if (!groups) break;
       const int h = lowest_bit(groups);
       if (h != g) {  // group h's running sums
         g = h;
-        C = x[g];
-        prefix8<ChunkStat::sum>(C);
-        set_all(base, g > 0 ? at(ends, g - 1) : start);
-        add_to(C, base);
+        levels.running(g, C);
         candidates = static_cast<unsigned>(open >> (8 * g)) & 0xFFu;
       }
       const unsigned hit = compare_mask8(C, point, true) & candidates;  // C_j > point
@@ -629,26 +653,19 @@ struct IndependentDraw {
     std::uint64_t kept = ~open & in_row;
     open &= in_row;  // (padding past the row's end, q = 0, repeats the last entry's survival)
     for (int k = 0; k < 8; ++k) walk_factor(f[k], f[k]);
-    Vec8 ends, base;
-    group_totals<ChunkStat::survival>(f, ends);
-    prefix8<ChunkStat::survival>(ends);
-    set_all(base, start);
-    mul_to(ends, base);
-    const double end = at(ends, 7);
+    const TwoLevelTotals<ChunkStat::survival> levels(f, start);
+    const double end = at(levels.ends, 7);
     if (!(end >= 1e-280)) return walk_rebased(q, b, n, start, out);
     Vec8 P;
     unsigned candidates = 0;
     for (int from = 0, g = -1;;) {
       // the group that holds the next point: the first from `from` on whose end lies below R
-      const unsigned groups = compare_mask8(ends, R, false) & (0xFFu << from);
+      const unsigned groups = levels.past(R, from);
       if (!groups) break;
       const int h = lowest_bit(groups);
       if (h != g) {  // group h's running products
         g = h;
-        P = f[g];
-        prefix8<ChunkStat::survival>(P);
-        set_all(base, g > 0 ? at(ends, g - 1) : start);
-        mul_to(P, base);
+        levels.running(g, P);
         candidates = static_cast<unsigned>(open >> (8 * g)) & 0xFFu;
       }
       const unsigned hit = compare_mask8(P, R, false) & candidates;  // P_j < R
