@@ -77,6 +77,9 @@ TEST_CASE("GEMM dense backward (float) matches the float64 reference within 1e-5
       {3, 500, 8, 8, false, "few queries, many keys: a full and a partial key tile"},
       {130, 770, 16, 8, true, "causal cross attention, bottom-right: the blocks see 768 keys (3 full tiles) and 770 (a partial 4th)",
        sus::CausalAlignment::bottom_right},
+      {1100, 600, 8, 8, false, "three row groups (4 blocks of 128 each), the last one partial"},
+      {1200, 300, 8, 8, true, "causal bottom-right, n_q > n_k: rows < 900 see no key, so group 0 and blocks 4-6 of "
+       "group 1 are skipped and its block 7 sees 1-128 keys", sus::CausalAlignment::bottom_right},
   };
   std::uint64_t seed = 500;
   for (const Shape& s : shapes) {
