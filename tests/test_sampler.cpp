@@ -908,7 +908,7 @@ void walk_systematic(const double* x, index_t b, index_t n, double start, double
 }
 
 // The independent draw's walk: q ≥ 1 kept; group by group, only while the group's end lies
-// below R, each entry with q < 1 and P_j < R is kept and R drawn on below P_j. Returns false
+// below R, each entry with 0 < q < 1 and P_j < R is kept and R drawn on below P_j. Returns false
 // (nothing kept) when E_7 < 1e-280: the caller walks the batch re-based.
 std::int64_t rebased_walks = 0;  // batches the re-based walk took (the test checks it runs)
 template <class U, class Keep>
@@ -923,7 +923,7 @@ bool walk_independent(const double* x, index_t b, index_t n, double start, doubl
     w.running(g, start, P);
     for (int l = 0; l < 8 && w.E[g] < R; ++l) {
       const int j = 8 * g + l;
-      if (b + j >= n || x[j] >= 1 || !(P[l] < R)) continue;
+      if (b + j >= n || x[j] >= 1 || !(x[j] > 0) || !(P[l] < R)) continue;
       kept[j] = true;
       do R *= uniform();
       while (P[l] < R);
@@ -984,7 +984,7 @@ void draw_row_written_out(const T* w, index_t n, const SamplerOptions& o, index_
           const index_t j = b + 16 * g + l;
           if (xg[l] >= 1) {
             keep(j);
-          } else if (t[l] < R) {
+          } else if (xg[l] > 0 && t[l] < R) {
             keep(j);
             do R *= uniform();
             while (t[l] < R);

@@ -648,10 +648,16 @@ struct IndependentDraw {
     load_batch(q, b, n, f);
     const index_t rest = n - b;
     const std::uint64_t in_row = rest >= kSamplerBatch ? ~std::uint64_t{0} : (std::uint64_t{1} << rest) - 1;
-    std::uint64_t open = 0;  // q < 1: may hold a point; q ≥ 1 is always kept
-    for (int k = 0; k < 8; ++k) open |= std::uint64_t{compare_mask8(f[k], 1.0, false)} << (8 * k);
+    std::uint64_t open = 0, positive = 0;  // q < 1: may hold a point; q ≥ 1 is always kept
+    for (int k = 0; k < 8; ++k) {
+      open |= std::uint64_t{compare_mask8(f[k], 1.0, false)} << (8 * k);
+      positive |= std::uint64_t{compare_mask8(f[k], 0.0, true)} << (8 * k);
+    }
     std::uint64_t kept = ~open & in_row;
-    open &= in_row;  // (padding past the row's end, q = 0, repeats the last entry's survival)
+    // Points go to entries with 0 < q < 1 only: a q = 0 entry (or the padding past the row's
+    // end) repeats the survival before it only up to the prefix's rounding, and keeping it
+    // would store W / q = 0 / 0.
+    open &= in_row & positive;
     for (int k = 0; k < 8; ++k) walk_factor(f[k], f[k]);
     const TwoLevelTotals<ChunkStat::survival> levels(f, start);
     const double end = at(levels.ends, 7);
@@ -696,8 +702,11 @@ struct IndependentDraw {
   SUS_NOINLINE bool walk_rebased(const Q& q, index_t b, index_t n, double start, Out& out) {
     Vec8 x[8];
     load_batch(q, b, n, x);
-    unsigned below_one[4];
-    for (int g = 0; g < 4; ++g) below_one[g] = compare_mask16(x[2 * g], x[2 * g + 1], 1.0, false);
+    unsigned below_one[4], positive[4];
+    for (int g = 0; g < 4; ++g) {
+      below_one[g] = compare_mask16(x[2 * g], x[2 * g + 1], 1.0, false);
+      positive[g] = compare_mask16(x[2 * g], x[2 * g + 1], 0.0, true);
+    }
     for (int k = 0; k < 8; ++k) {
       walk_factor(x[k], x[k]);
       prefix8<ChunkStat::survival>(x[k]);
@@ -717,11 +726,11 @@ struct IndependentDraw {
     for (int g = 0; g < 4; ++g) {
       Vec8& lo = x[2 * g];
       Vec8& hi = x[2 * g + 1];
-      // q < 1 may hold a point; q ≥ 1 is always kept. Padding past the row's end (q = 0, a
-      // factor 1) repeats the last entry's P up to rounding of the prefix, so it is masked out.
+      // 0 < q < 1 may hold a point; q ≥ 1 is always kept. A q = 0 entry, like the padding past
+      // the row's end, repeats the P before it only up to rounding of the prefix: masked out.
       const index_t rest = n - (b + kSamplerChunk * g);
       const unsigned in_row = rest >= kSamplerChunk ? 0xFFFFu : rest > 0 ? (1u << rest) - 1 : 0u;
-      const unsigned open = below_one[g] & in_row, certain = ~below_one[g] & 0xFFFFu;
+      const unsigned open = below_one[g] & positive[g] & in_row, certain = ~below_one[g] & 0xFFFFu;
       Vec8 bv;
       set_all(bv, base[2 * g]);
       combine_to<ChunkStat::survival>(lo, bv);
