@@ -718,7 +718,8 @@ void attention_backward_sparse(const BackwardArgs<T>& a, const Csr<T>& mask, con
 }
 
 // The tiled GEMM backward (arguments checked by the caller): per group of row_group blocks
-// of row_block query rows, per tile of key_tile keys, per block of the group, four GEMMs. acc_q, acc_kv as in sparse_backward_kernel.
+// of row_block query rows, per tile of key_tile keys, per block of the group, four GEMMs.
+// acc_q, acc_kv as in sparse_backward_kernel.
 template <class T>
 void dense_backward_kernel(const BackwardArgs<T>& a, const ConstMatrixRef<T>& W, T s, const AttentionOptions& o,
                            bool acc_q, bool acc_kv) {
