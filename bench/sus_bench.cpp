@@ -25,9 +25,11 @@
 //                                 gK_j | gV_j], key_block_bytes() each), and for every kept entry,
 //                                 in its order, K_j and V_j read and gK_j, gV_j read and written
 //                                 (16 cache lines at d = 64); no dot products, no dQ. Contiguous
-//                                 single heads larger than one block run the split passes
-//                                 instead, which pay no per-block visit of every query row and
-//                                 run below this floor.
+//                                 single heads larger than one block run this kernel where the
+//                                 L2 holds blocks of 1 MiB or more, and the split passes (which
+//                                 pay no per-block visit of every query row and can run below
+//                                 this floor) where it does not: the context entry
+//                                 sus_sparse_kernel says which ran.
 //   sample/n:N/c:C                sample_mask on a recorded W (n x n), paper/independent.
 //   backward_lowrank/n:N/d:D/g:G  sus::lowrank::attention_backward of degree G (sus/lowrank.hpp)
 //                                 from the forward's lse. 8·n·r·d·d flops, r = C(d + G, G)
@@ -58,6 +60,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -375,5 +378,16 @@ BENCHMARK_TEMPLATE(multihead, MhKind::backward_dense)->Name("backward_dense")->A
     ->ArgsProduct({{2048}, {64}, kMhH, kThreads})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_TEMPLATE(multihead, MhKind::backward_sus)->Name("backward_sus")->ArgNames({"n", "d", "c", "h", "threads"})
     ->ArgsProduct({kMhN, {64}, {32}, kMhH, kThreads})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// Which kernel backward_sus's single heads above one key block run on this machine (it depends
+// on the L2 size: SparseBackwardConfig::split_below_block_bytes), in the JSON context.
+const bool kSparseKernelContext = [] {
+  const sus::index_t block = sus::detail::key_block_bytes();
+  benchmark::AddCustomContext(
+      "sus_sparse_kernel",
+      std::string(block < sus::detail::SparseBackwardConfig::split_below_block_bytes ? "split passes" : "key blocks") +
+          " (key blocks of " + std::to_string(block >> 10) + " KiB)");
+  return true;
+}();
 
 BENCHMARK_MAIN();

@@ -223,10 +223,12 @@ TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed
   // accumulator in registers where the compiler has vector extensions); (24, 20) the run-time
   // one. A head whose K, V, dK, dV fit one key block (key_block_bytes(): 256 KiB to 8 MiB,
   // from the L2 size) runs in place; a larger one (n_k = 16384 at d = 64, 48000 at (24, 20),
-  // 11000 at (64, 128): over 8 MiB on any machine) by the split passes (its K and V are
-  // contiguous). The shapes between (1100 at d = 64, 3100 at (24, 20)) take either path
-  // depending on the machine's L2, and every shape also runs the key-blocked kernel with block
-  // sizes 1, 7, 64 and n_k and the split passes with key ranges of 1, 7, 64 and n_k keys.
+  // 11000 at (64, 128): over 8 MiB on any machine) by the split passes where the key blocks
+  // are under split_below_block_bytes (a small L2) and by key blocks otherwise (its K and V
+  // are contiguous). The shapes between (1100 at d = 64, 3100 at (24, 20)) may also run in
+  // place, depending on the machine's L2, and every shape also runs the key-blocked kernel
+  // with block sizes 1, 7, 64 and n_k and the split passes with key ranges of 1, 7, 64 and n_k
+  // keys, whichever path the public call took.
   using Config = sus::detail::SparseBackwardConfig;
   static_assert(16384 * (64 + 64) * 2 * sizeof(float) > Config::max_block_bytes, "16384 x 64: key blocks");
   static_assert(48000 * (24 + 20) * 2 * sizeof(float) > Config::max_block_bytes, "48000 x (24, 20): key blocks");
@@ -240,10 +242,10 @@ TEST_CASE("fused sparse backward is bitwise equal to SDDMM -> SpMM -> transposed
                           {40, 1100, 64, 64, false, "in place or blocked (L2)"},
                           {1100, 1100, 64, 64, true, "in place or blocked (L2), causal"},
                           {30, 3100, 24, 20, false, "run-time dims, in place or blocked (L2)"},
-                          {24, 16384, 64, 64, false, "split passes"},
-                          {40, 16384, 64, 64, true, "split passes, causal"},
-                          {10, 48000, 24, 20, false, "run-time dims, split passes"},
-                          {20, 11000, 64, 128, false, "d != d_v (run-time rows, 128-long D_i), split passes"}};
+                          {24, 16384, 64, 64, false, "split passes or key blocks (L2)"},
+                          {40, 16384, 64, 64, true, "split passes or key blocks (L2), causal"},
+                          {10, 48000, 24, 20, false, "run-time dims, split passes or key blocks (L2)"},
+                          {20, 11000, 64, 128, false, "d != d_v (run-time rows, 128-long D_i), split passes or key blocks (L2)"}};
   for (const Shape& sh : shapes)
     for (bool accumulate : {false, true}) check_fused_equals_composition<float>(sh, accumulate);
   // double: the register rows hold 8 lanes per vector (64: 8 vectors, 128: 16)

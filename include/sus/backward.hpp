@@ -57,16 +57,21 @@ struct SparseBackwardConfig {
   static_assert(chunk > 0, "SparseBackwardConfig::chunk must be positive");
   // A single head that does not fit one key block runs the split passes (sparse_backward_split:
   // the rows pass, then the keys pass over key ranges whose gK, gV take at most key_range_bytes
-  // of workspace), not the key-blocked fused kernel, when its K and V rows are back to back.
-  // Measured on a 2-vCPU AMD EPYC (AVX-512; 1 MiB L2 per core, 32 MiB L3), one thread, float,
-  // c = 32, attention_backward_sparse with either kernel alternated in one process (median ms
-  // of two runs; key blocks of 768 KiB here): d = 64: 0.30 vs 0.34 (n = 1024), 0.72 vs 0.80
-  // (2048), 1.76-2.04 vs 2.11-2.31 (4096), 4.55-4.96 vs 5.83-6.19 (8192), 11.9-17.4 vs
-  // 24.5-36.3 (16384); d = 128, n = 8192: 15.5 vs 26.2. Both passes at d = 128, n = 8192: 12.2
-  // ms with two key ranges of 4 MiB (with argument checks) against 16.4 with one range of 8 MiB
-  // (without). Every key block visits
-  // every query row (Q_i, dO_i and the dQ accumulator through L2, an O(n²/block) term), which
-  // the split does not pay; it moves the same lines per kept entry in two simpler streams.
+  // of workspace) instead of the key-blocked fused kernel when its K and V rows are back to
+  // back and the key blocks are smaller than split_below_block_bytes (a small L2): which of
+  // the two wins depends on the L2. Every key block visits every query row (Q_i, dO_i and the
+  // dQ accumulator, an O(n²/block) term), which the split does not pay; the split instead
+  // gathers K_j, V_j and gK_j, gV_j from beyond L2. Measured, one thread, float, c = 32, both
+  // kernels alternated in one process (median ms):
+  //   2-vCPU AMD EPYC (AVX-512; 1 MiB L2 per core, 32 MiB L3; key blocks of 768 KiB), split vs
+  //   blocked, median of two runs: d = 64: 0.30 vs 0.34 (n = 1024), 0.72 vs 0.80 (2048),
+  //   1.76-2.04 vs 2.11-2.31 (4096), 4.55-4.96 vs 5.83-6.19 (8192), 11.9-17.4 vs 24.5-36.3
+  //   (16384); d = 128, n = 8192: 15.5 vs 26.2. Both passes at d = 128, n = 8192: 12.2 ms with
+  //   two key ranges of 4 MiB (with argument checks) against 16.4 with one range of 8 MiB.
+  //   2-vCPU Intel Xeon (AVX-512; 2 MiB L2 per core; key blocks of 1.5 MiB), split vs blocked,
+  //   7-15 calls each: d = 64: 2.8 vs 2.6 (n = 4096), 8.2-9.1 vs 6.6-7.2 (8192, three runs),
+  //   25.6 vs 20.3 (16384); d = 128, n = 8192: 22.0 vs 17.0.
+  static constexpr index_t split_below_block_bytes = index_t(1) << 20;
   static constexpr index_t key_range_bytes = index_t(4) << 20;
   static_assert(key_range_bytes > 0, "SparseBackwardConfig::key_range_bytes must be positive");
 };
@@ -592,8 +597,9 @@ void sparse_backward_split(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bo
 }
 
 // Which single-head kernel runs (SparseBackwardConfig): in place when K, V, dK, dV fit one key
-// block; else the split passes when K and V rows are back to back; else (strided K or V, the
-// heads of a fused buffer) by key blocks, which packs them.
+// block; else the split passes when K and V rows are back to back and the key blocks are
+// small (split_below_block_bytes); else by key blocks, which packs them (strided K or V, the
+// heads of a fused buffer, or any head where the L2 holds a large block).
 template <class T>
 void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv) {
   using C = SparseBackwardConfig;
@@ -602,7 +608,7 @@ void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, b
   const index_t block_keys = std::max<index_t>(1, key_block_bytes() / row_bytes);
   const bool kv_contiguous = rows_contiguous(a.K) && rows_contiguous(a.V);
   if (n_k > block_keys || acc_kv || !kv_contiguous || !rows_contiguous(a.dK) || !rows_contiguous(a.dV)) {
-    if (kv_contiguous) {
+    if (kv_contiguous && key_block_bytes() < C::split_below_block_bytes) {
       const index_t range_keys = std::max<index_t>(1, C::key_range_bytes / ((d + d_v) * index_t(sizeof(T))));
       sparse_backward_split<T>(a, mask, s, acc_q, acc_kv, range_keys);
     } else {
