@@ -207,9 +207,27 @@ void check_fused_equals_composition(const Shape& sh, bool accumulate) {
     CHECK(g.dK == composed.dK);
     CHECK(g.dV == composed.dV);
   };
+  // Q, K, V, O, dO as strided views (rows 3 values wider than the head, as a head of a fused
+  // buffer): the key-blocked kernel packs K, V and, over several blocks, copies Q, dO.
+  using Strided = Eigen::Map<const M<T>, 0, Eigen::OuterStride<>>;
+  const auto widen = [](const M<T>& m) {
+    M<T> w = M<T>::Constant(m.rows(), m.cols() + 3, T(7));
+    w.leftCols(m.cols()) = m;
+    return w;
+  };
+  const M<T> Qw = widen(p.Q), Kw = widen(p.K), Vw = widen(p.V), Ow = widen(p.O), dOw = widen(p.dO);
+  const auto strided = [](const M<T>& w, index_t cols) {
+    return sus::ConstMatrixRef<T>(Strided(w.data(), w.rows(), cols, Eigen::OuterStride<>(w.cols())));
+  };
+  const sus::ConstMatrixRef<T> Qs = strided(Qw, d), Ks = strided(Kw, d), Vs = strided(Vw, d_v), Os = strided(Ow, d_v),
+                               dOs = strided(dOw, d_v);
   for (index_t size : {index_t(1), index_t(7), index_t(64), n_k}) {
     check_variant("block_keys", size, [&](const Args& a, index_t block) {
       sus::detail::sparse_backward_blocked<T>(a, mask, s, accumulate, accumulate, block);
+    });
+    check_variant("strided inputs, block_keys", size, [&](const Args& a, index_t block) {
+      sus::detail::sparse_backward_blocked<T>(Args{Qs, Ks, Vs, Os, dOs, a.dQ, a.dK, a.dV}, mask, s, accumulate,
+                                              accumulate, block);
     });
     check_variant("range_keys", size, [&](const Args& a, index_t range) {
       sus::detail::sparse_backward_split<T>(a, mask, s, accumulate, accumulate, range);

@@ -72,6 +72,9 @@ struct SparseBackwardConfig {
   //   7-15 calls each: d = 64: 2.8 vs 2.6 (n = 4096), 8.2-9.1 vs 6.6-7.2 (8192, three runs),
   //   25.6 vs 20.3 (16384); d = 128, n = 8192: 22.0 vs 17.0.
   static constexpr index_t split_below_block_bytes = index_t(1) << 20;
+  // The key-blocked kernel copies strided Q and dO rows back to back first when the keys take
+  // more than copy_rows_min_blocks blocks. Measured: docs/method.md.
+  static constexpr index_t copy_rows_min_blocks = 2;
   static constexpr index_t key_range_bytes = index_t(4) << 20;
   static_assert(key_range_bytes > 0, "SparseBackwardConfig::key_range_bytes must be positive");
 };
@@ -664,9 +667,23 @@ void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, 
   block_keys = std::max<index_t>(1, std::min(block_keys, n_k));
   // D_i = dO_i · O_i
   const Vector<T> D = row_dot<T>(a.dO, a.O);
-  // Workspace: one block of packed key rows, then n_q dQ_i accumulators (d values each).
-  T* packed = thread_workspace<T>(block_keys * w + n_q * d);
+  // Strided Q and dO (the heads of a [B, S, H, D] buffer, rows H·D apart) are first copied
+  // row by row into the workspace when there are several blocks: every block visits every
+  // row, and a strided row costs a page (and a TLB entry) of its own at each visit.
+  const bool several = n_k > SparseBackwardConfig::copy_rows_min_blocks * block_keys;
+  const index_t q_copy = several && !rows_contiguous(a.Q) ? n_q * d : 0;
+  const index_t dO_copy = several && !rows_contiguous(a.dO) ? n_q * d_v : 0;
+  // Workspace: one block of packed key rows, then n_q dQ_i accumulators (d values each), then
+  // the copies of Q and dO, if any.
+  T* packed = thread_workspace<T>(block_keys * w + n_q * d + q_copy + dO_copy);
   T* accs = packed + block_keys * w;
+  T* q_rows = accs + n_q * d;
+  T* dO_rows = q_rows + q_copy;
+  for (index_t i = 0; q_copy > 0 && i < n_q; ++i) std::memcpy(q_rows + i * d, a.Q.row(i).data(), std::size_t(d) * sizeof(T));
+  for (index_t i = 0; dO_copy > 0 && i < n_q; ++i)
+    std::memcpy(dO_rows + i * d_v, a.dO.row(i).data(), std::size_t(d_v) * sizeof(T));
+  const auto q_at = [&](index_t i) { return q_copy > 0 ? q_rows + i * d : a.Q.row(i).data(); };
+  const auto dO_at = [&](index_t i) { return dO_copy > 0 ? dO_rows + i * d_v : a.dO.row(i).data(); };
   const index_t* col = mask.col_indices.data();
   const T* val = mask.values.data();
   index_t j0 = 0;  // the current block's first key
@@ -699,7 +716,7 @@ void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, 
         while (p1 < row_end && col[p1] < j1) ++p1;
         cursor[i] = p1;
         T* acc_i = accs + i * d;
-        Row row(a.Q.row(i).data(), a.dO.row(i).data(), acc_i, dk, dv, /*resume=*/p0 != mask.row_offsets[i]);
+        Row row(q_at(i), dO_at(i), acc_i, dk, dv, /*resume=*/p0 != mask.row_offsets[i]);
         fused_entries<T>(row, D[i], col, val, p0, p1, p1, dk * index_t(sizeof(T)), dv * index_t(sizeof(T)), at);
         row.finish(acc_i);
         if (p1 == row_end) {  // dQ_i = s·acc_i
