@@ -20,6 +20,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 #endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "csr.hpp"
 #include "error.hpp"
@@ -428,6 +431,43 @@ template <class T, class DK, class DV>
 using SparseRow = MemoryRow<T, DK, DV>;
 #endif
 
+// Rows [r0, r0 + rows) of dst = s·src (src rows `stride` values apart), the kernels' final
+// write of an output they do not read. On x86 (SSE2) rows that start 16-byte aligned, with a
+// length and a row stride of whole 16-byte units, go through non-temporal stores: a normal
+// store first reads each line in, and at a head's stride in a [B, S, H, D] buffer (rows H·D
+// apart, a page every few rows) the hardware prefetch does not read them ahead. Each value
+// is the same product s·src_k either way (the same bits). Unless `fence`, the caller calls
+// store_fence() before it returns.
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+template <class T>
+void store_rows(MatrixRef<T>& dst, index_t r0, index_t rows, const T* src, index_t stride, T s, bool fence = true) {
+  using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
+  const index_t cols = dst.cols();
+#if defined(__SSE2__)
+  constexpr index_t L = 16 / index_t(sizeof(T));  // values per 16-byte store
+  if (rows > 0 && (std::is_same<T, float>::value || std::is_same<T, double>::value) && cols % L == 0 &&
+      dst.outerStride() % L == 0 && reinterpret_cast<std::uintptr_t>(dst.row(r0).data()) % 16 == 0) {
+    for (index_t r = 0; r < rows; ++r) {
+      T* out = dst.row(r0 + r).data();
+      const T* in = src + r * stride;
+      for (index_t k = 0; k < cols; k += L) {
+        if constexpr (std::is_same<T, float>::value)
+          _mm_stream_ps(out + k, _mm_mul_ps(_mm_set1_ps(s), _mm_loadu_ps(in + k)));
+        else if constexpr (std::is_same<T, double>::value)
+          _mm_stream_pd(out + k, _mm_mul_pd(_mm_set1_pd(s), _mm_loadu_pd(in + k)));
+      }
+    }
+    if (fence) store_fence();  // the streamed stores are ordered before anything that follows
+    return;
+  }
+#endif
+  dst.middleRows(r0, rows).noalias() = s * Strided(src, rows, cols, Eigen::OuterStride<>(stride));
+}
+
 // The same SUS backward split in two passes that can each run in parallel. The multi-head
 // path uses it when it has too few heads to keep every thread busy with one head each:
 //   rows pass, any split of the rows:  dQ_i as in the fused kernel, and each dS_ij stored at
@@ -469,9 +509,10 @@ void sparse_backward_rows(const BackwardArgs<T>& a, const Csr<T>& mask, T* dS, i
       }
       row.finish(acc.data());
       if (acc_q) a.dQ.row(i).noalias() += s * acc;
-      else a.dQ.row(i).noalias() = s * acc;
+      else store_rows<T>(a.dQ, i, 1, acc.data(), d, s, /*fence=*/false);
     }
   });
+  store_fence();
 }
 
 // Keys [j0, j0 + nk) of dK = s·gK and dV = gV (added to them when acc_kv), from unscaled sums
@@ -480,14 +521,12 @@ template <class T>
 void store_key_grads(const BackwardArgs<T>& a, index_t j0, index_t nk, const T* gK, const T* gV, index_t stride, T s,
                      bool acc_kv) {
   using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
-  const Strided gKm(gK, nk, a.dK.cols(), Eigen::OuterStride<>(stride));
-  const Strided gVm(gV, nk, a.dV.cols(), Eigen::OuterStride<>(stride));
   if (acc_kv) {
-    a.dK.middleRows(j0, nk).noalias() += s * gKm;
-    a.dV.middleRows(j0, nk) += gVm;
+    a.dK.middleRows(j0, nk).noalias() += s * Strided(gK, nk, a.dK.cols(), Eigen::OuterStride<>(stride));
+    a.dV.middleRows(j0, nk) += Strided(gV, nk, a.dV.cols(), Eigen::OuterStride<>(stride));
   } else {
-    a.dK.middleRows(j0, nk).noalias() = s * gKm;
-    a.dV.middleRows(j0, nk) = gVm;
+    store_rows<T>(a.dK, j0, nk, gK, stride, s);
+    store_rows<T>(a.dV, j0, nk, gV, stride, T(1));
   }
 }
 
@@ -722,13 +761,14 @@ void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, 
         if (p1 == row_end) {  // dQ_i = s·acc_i
           const Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> acc(acc_i, d);
           if (acc_q) a.dQ.row(i).noalias() += s * acc;
-          else a.dQ.row(i).noalias() = s * acc;
+          else store_rows<T>(a.dQ, i, 1, acc_i, d, s, /*fence=*/false);
         }
       }
       // 3. dK = s·gK, dV = gV for the block (or added, acc_kv)
       store_key_grads<T>(a, j0, nb, packed + d + d_v, packed + 2 * d + d_v, w, s, acc_kv);
     }
   });
+  store_fence();  // the dQ rows' streamed stores
 }
 
 template <class T>
