@@ -380,13 +380,11 @@ BENCHMARK_TEMPLATE(multihead, MhKind::backward_sus)->Name("backward_sus")->ArgNa
     ->ArgsProduct({kMhN, {64}, {32}, kMhH, kThreads})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // Which kernel backward_sus's single heads above one key block run on this machine (it depends
-// on the L2 size: SparseBackwardConfig::split_below_block_bytes), in the JSON context.
+// on the L2 size: detail::split_passes_for_large_heads), in the JSON context.
 const bool kSparseKernelContext = [] {
-  const sus::index_t block = sus::detail::key_block_bytes();
-  benchmark::AddCustomContext(
-      "sus_sparse_kernel",
-      std::string(block < sus::detail::SparseBackwardConfig::split_below_block_bytes ? "split passes" : "key blocks") +
-          " (key blocks of " + std::to_string(block >> 10) + " KiB)");
+  benchmark::AddCustomContext("sus_sparse_kernel",
+                              std::string(sus::detail::split_passes_for_large_heads() ? "split passes" : "key blocks") +
+                                  " (key blocks of " + std::to_string(sus::detail::key_block_bytes() >> 10) + " KiB)");
   return true;
 }();
 

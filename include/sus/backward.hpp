@@ -112,6 +112,13 @@ inline index_t key_block_bytes() {
   return bytes;
 }
 
+// Whether a contiguous single head larger than one key block runs the split passes (key blocks
+// under SparseBackwardConfig::split_below_block_bytes: a small L2) rather than the key-blocked
+// kernel. Speed only: both give the same bits.
+inline bool split_passes_for_large_heads() {
+  return key_block_bytes() < SparseBackwardConfig::split_below_block_bytes;
+}
+
 struct DenseBackwardConfig {
   // Query rows per block. Measured, before the key tiles below, on a
   // 2-vCPU AMD EPYC, one thread, float, d = 64 (median of 7–15 calls, the sizes interleaved):
@@ -650,7 +657,7 @@ void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, b
   const index_t block_keys = std::max<index_t>(1, key_block_bytes() / row_bytes);
   const bool kv_contiguous = rows_contiguous(a.K) && rows_contiguous(a.V);
   if (n_k > block_keys || acc_kv || !kv_contiguous || !rows_contiguous(a.dK) || !rows_contiguous(a.dV)) {
-    if (kv_contiguous && key_block_bytes() < C::split_below_block_bytes) {
+    if (kv_contiguous && split_passes_for_large_heads()) {
       const index_t range_keys = std::max<index_t>(1, C::key_range_bytes / ((d + d_v) * index_t(sizeof(T))));
       sparse_backward_split<T>(a, mask, s, acc_q, acc_kv, range_keys);
     } else {
