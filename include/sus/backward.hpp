@@ -353,16 +353,17 @@ struct MemoryRow {
 };
 
 #if defined(SUS_VECTOR_EXTENSIONS)
-// A row of Dim values held in registers, as Dim / L compiler vectors of L = 64 / sizeof(T)
-// lanes. Its dot has dot's order (per-lane products summed over the vectors, then the lane
-// tree, then + 0 for the empty tail) and its axpys are axpy's element operations, so every
-// result has the bits of dot and axpy on the same values (tested).
+// A row of Dim values held in registers, as Dim / NL compiler vectors of the target's width
+// (Lanes: NL lanes each). Its dot has dot's order (per-lane products summed over the 64-byte
+// lane groups, then the lane tree, then + 0 for the empty tail) and its axpys are axpy's
+// element operations, so every result has the bits of dot and axpy on the same values (tested).
 template <class T, index_t Dim>
 struct Registers {
-  using V = typename Lanes<T>::full;
-  static constexpr index_t L = 64 / index_t(sizeof(T));
+  using Ln = Lanes<T>;
+  using V = typename Ln::native;
+  static constexpr index_t L = Ln::NL;
   static constexpr index_t B = Dim / L;
-  static_assert(Dim % L == 0, "Registers: Dim must be a multiple of the lanes");
+  static_assert(Dim % (64 / index_t(sizeof(T))) == 0, "Registers: Dim must be a multiple of the 64-byte lane group");
   V x[B];
   SUS_ALWAYS_INLINE void load(const T* p) {
     for (index_t b = 0; b < B; ++b) std::memcpy(&x[b], p + b * L, sizeof(V));
@@ -371,13 +372,13 @@ struct Registers {
     for (index_t b = 0; b < B; ++b) std::memcpy(p + b * L, &x[b], sizeof(V));
   }
   SUS_ALWAYS_INLINE T dot(const T* p) const {
-    V s = {};
+    V s[Ln::P] = {};
     for (index_t b = 0; b < B; ++b) {
       V y;
       std::memcpy(&y, p + b * L, sizeof(V));
-      s += x[b] * y;
+      s[b % Ln::P] += x[b] * y;
     }
-    return Lanes<T>::sum(s) + T(0);
+    return Ln::sum(s) + T(0);
   }
   // p += alpha·x
   SUS_ALWAYS_INLINE void add_to(T alpha, T* p) const {

@@ -47,7 +47,7 @@
 #include "error.hpp"
 #include "types.hpp"
 
-#if defined(SUS_VECTOR_EXTENSIONS) && defined(__AVX__)
+#if defined(SUS_VECTOR_EXTENSIONS) && (defined(__SSE2__) || defined(__AVX__))
 #include <immintrin.h>
 #endif
 
@@ -221,11 +221,15 @@ SUS_ALWAYS_INLINE double combine(double a, double b) {
 }
 
 #if defined(SUS_VECTOR_EXTENSIONS)
-// Compiler vectors: loads of 8 weights, min(1, c·w) and the conversion to double lane by lane,
-// the trees and prefixes as shuffle steps. GCC leaves the scalar forms unvectorised.
 typedef double f64x8 __attribute__((vector_size(64)));
 typedef double f64x4 __attribute__((vector_size(32)));
 typedef double f64x2 __attribute__((vector_size(16)));
+#endif
+
+#if defined(SUS_VECTOR_EXTENSIONS) && SUS_VECTOR_BYTES == 64
+// Compiler vectors (AVX-512: a group of 8 doubles is one register): loads of 8 weights,
+// min(1, c·w) and the conversion to double lane by lane, the trees and prefixes as shuffle
+// steps. GCC leaves the scalar forms unvectorised.
 using Vec8 = f64x8;
 
 template <class T>
@@ -239,17 +243,12 @@ struct Lanes8<double> {
   typedef double type __attribute__((vector_size(64)));
 };
 
-// 8 values as doubles. With AVX-512 one vcvtps2pd: GCC tuned for 256-bit vectors splits
+// 8 values as doubles, one vcvtps2pd: GCC tuned for 256-bit vectors splits
 // __builtin_convertvector into halves and shuffles, and shuffles are what bound the scan.
-// (Vectors by reference throughout: a 64-byte vector passed or returned by value draws GCC's
-// -Wpsabi note on targets without AVX-512.)
+// (Vectors by reference throughout, as elsewhere.)
 SUS_ALWAYS_INLINE void to_f64x8(const Lanes8<float>::type& x, f64x8& out) {
-#if defined(__AVX512F__)
   // (not _mm512_cvtps_pd, whose _mm512_undefined_pd draws GCC 12's -Wmaybe-uninitialized)
   out = reinterpret_cast<f64x8>(_mm512_maskz_cvtps_pd(0xFF, reinterpret_cast<__m256>(x)));
-#else
-  out = __builtin_convertvector(x, f64x8);
-#endif
 }
 SUS_ALWAYS_INLINE void to_f64x8(const Lanes8<double>::type& x, f64x8& out) { out = x; }
 
@@ -257,18 +256,10 @@ SUS_ALWAYS_INLINE void to_f64x8(const Lanes8<double>::type& x, f64x8& out) { out
 // is that operation exactly (the second operand where either is NaN or they compare equal);
 // GCC writes the ternary as a compare and a blend, two instructions.
 SUS_ALWAYS_INLINE void min_to(Lanes8<float>::type& x, const Lanes8<float>::type& m) {
-#if defined(__AVX__)
   x = reinterpret_cast<Lanes8<float>::type>(_mm256_min_ps(reinterpret_cast<__m256>(x), reinterpret_cast<__m256>(m)));
-#else
-  x = x < m ? x : m;
-#endif
 }
 SUS_ALWAYS_INLINE void min_to(Lanes8<double>::type& x, const Lanes8<double>::type& m) {
-#if defined(__AVX512F__)
   x = reinterpret_cast<Lanes8<double>::type>(_mm512_min_pd(reinterpret_cast<__m512d>(x), reinterpret_cast<__m512d>(m)));
-#else
-  x = x < m ? x : m;
-#endif
 }
 
 // q_j .. q_{j+7} as doubles.
@@ -303,14 +294,8 @@ SUS_ALWAYS_INLINE void walk_factor(const f64x8& x, f64x8& out) {
 
 // Bit l: lane l is > v (above) or < v (!above).
 SUS_ALWAYS_INLINE unsigned compare_mask8(const f64x8& x, double v, bool above) {
-#if defined(__AVX512F__)
   const __m512d b = _mm512_set1_pd(v), a = reinterpret_cast<__m512d>(x);
   return above ? unsigned(_mm512_cmp_pd_mask(a, b, _CMP_GT_OQ)) : unsigned(_mm512_cmp_pd_mask(a, b, _CMP_LT_OQ));
-#else
-  unsigned m = 0;
-  for (int l = 0; l < 8; ++l) m |= unsigned(above ? x[l] > v : x[l] < v) << l;
-  return m;
-#endif
 }
 
 // The lanes' tree (see above) of lo ∘ hi.
@@ -356,6 +341,178 @@ SUS_ALWAYS_INLINE void group_totals(const f64x8 (&x)[8], f64x8& out) {
   const f64x8 a = __builtin_shufflevector(u[0], u[1], 0, 2, 4, 6, 8, 10, 12, 14);  // then (l, l + 1)
   const f64x8 b = __builtin_shufflevector(u[0], u[1], 1, 3, 5, 7, 9, 11, 13, 15);
   out = S == ChunkStat::sum ? a + b : a * b;
+}
+#elif defined(SUS_VECTOR_EXTENSIONS)
+// Registers narrower than 8 doubles (AVX: 4, SSE2 and NEON: 2): a group of 8 lanes is kPieces
+// compiler vectors of the register width, lane l being lane l % kPieceLanes of piece
+// l / kPieceLanes. Every lane goes through the operations of the AVX-512 form above, in the
+// same order (the same bits; the sampler's tests pin them). A 64-byte vector here would live
+// on the stack (SUS_VECTOR_BYTES).
+typedef double f64p __attribute__((vector_size(SUS_VECTOR_BYTES)));
+typedef float f32p __attribute__((vector_size(SUS_VECTOR_BYTES / 2)));  // as many floats
+constexpr int kPieceLanes = SUS_VECTOR_BYTES / 8;
+constexpr int kPieces = 8 / kPieceLanes;
+struct Vec8 {
+  f64p p[kPieces];
+};
+
+SUS_ALWAYS_INLINE void set_all(Vec8& v, double x) {
+  for (f64p& e : v.p) e = f64p{} + x;
+}
+SUS_ALWAYS_INLINE void from_array(Vec8& v, const double* x) { std::memcpy(v.p, x, sizeof v.p); }
+SUS_ALWAYS_INLINE double at(const Vec8& v, int l) { return v.p[l / kPieceLanes][l % kPieceLanes]; }
+SUS_ALWAYS_INLINE void add_to(Vec8& a, const Vec8& b) {
+  for (int k = 0; k < kPieces; ++k) a.p[k] += b.p[k];
+}
+SUS_ALWAYS_INLINE void mul_to(Vec8& a, const Vec8& b) {
+  for (int k = 0; k < kPieces; ++k) a.p[k] *= b.p[k];
+}
+SUS_ALWAYS_INLINE void one_minus(const Vec8& x, Vec8& out) {
+  for (int k = 0; k < kPieces; ++k) out.p[k] = 1.0 - x.p[k];
+}
+SUS_ALWAYS_INLINE void walk_factor(const Vec8& x, Vec8& out) {
+  const f64p one = f64p{} + 1.0;
+  for (int k = 0; k < kPieces; ++k) out.p[k] = x.p[k] >= one ? one : one - x.p[k];
+}
+
+// x = x < m ? x : m lane by lane (std::min(m, x)): one vminps/vminpd where the piece is a
+// whole SSE or AVX register.
+template <class V>
+SUS_ALWAYS_INLINE void min_piece(V& x, const V& m) {
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<V, f64p>) {
+    x = reinterpret_cast<V>(_mm256_min_pd(reinterpret_cast<__m256d>(x), reinterpret_cast<__m256d>(m)));
+    return;
+  } else if constexpr (std::is_same_v<V, f32p>) {
+    x = reinterpret_cast<V>(_mm_min_ps(reinterpret_cast<__m128>(x), reinterpret_cast<__m128>(m)));
+    return;
+  }
+#endif
+  x = x < m ? x : m;
+}
+
+template <class T>
+SUS_ALWAYS_INLINE void load_q8(const ArrayQ<T>& q, index_t j, Vec8& out) {
+  for (int k = 0; k < kPieces; ++k) {
+    if constexpr (std::is_same_v<T, float>) {
+      f32p x;
+      std::memcpy(&x, q.q + j + k * kPieceLanes, sizeof x);
+      out.p[k] = __builtin_convertvector(x, f64p);
+    } else {
+      std::memcpy(&out.p[k], q.q + j + k * kPieceLanes, sizeof(f64p));
+    }
+  }
+}
+template <class T>
+SUS_ALWAYS_INLINE void load_q8(const PaperQ<T>& q, index_t j, Vec8& out) {
+  using V = std::conditional_t<std::is_same_v<T, float>, f32p, f64p>;
+  const V one = V{} + T(1);
+  for (int k = 0; k < kPieces; ++k) {
+    V x;
+    std::memcpy(&x, q.w + j + k * kPieceLanes, sizeof x);
+    x = q.lam * x;
+    min_piece(x, one);  // std::min(T(1), λ·w_j)
+    if constexpr (std::is_same_v<T, float>) out.p[k] = __builtin_convertvector(x, f64p);
+    else out.p[k] = x;
+  }
+}
+
+// Bit l: lane l is > v (above) or < v (!above).
+SUS_ALWAYS_INLINE unsigned compare_mask8(const Vec8& x, double v, bool above) {
+  unsigned m = 0;
+#if defined(__AVX__)
+  const __m256d b = _mm256_set1_pd(v);
+  for (int k = 0; k < kPieces; ++k) {
+    const __m256d a = reinterpret_cast<__m256d>(x.p[k]);
+    const __m256d c = above ? _mm256_cmp_pd(a, b, _CMP_GT_OQ) : _mm256_cmp_pd(a, b, _CMP_LT_OQ);
+    m |= unsigned(_mm256_movemask_pd(c)) << (kPieceLanes * k);
+  }
+#elif defined(__SSE2__)
+  const __m128d b = _mm_set1_pd(v);
+  for (int k = 0; k < kPieces; ++k) {
+    const __m128d a = reinterpret_cast<__m128d>(x.p[k]);
+    m |= unsigned(_mm_movemask_pd(above ? _mm_cmpgt_pd(a, b) : _mm_cmplt_pd(a, b))) << (kPieceLanes * k);
+  }
+#else
+  for (int l = 0; l < 8; ++l) m |= unsigned(above ? at(x, l) > v : at(x, l) < v) << l;
+#endif
+  return m;
+}
+
+// The lanes' tree of lo ∘ hi: t = lo ∘ hi, then ((t0 ∘ t1) ∘ (t2 ∘ t3)) ∘ ((t4 ∘ t5) ∘ (t6 ∘ t7)).
+template <ChunkStat S>
+SUS_ALWAYS_INLINE double tree_total(const Vec8& lo, const Vec8& hi) {
+  Vec8 t = lo;
+  if (S == ChunkStat::sum) add_to(t, hi);
+  else mul_to(t, hi);
+#if SUS_VECTOR_BYTES == 32  // the AVX-512 form's shuffles, on two halves
+  const f64x4 even = __builtin_shufflevector(t.p[0], t.p[1], 0, 2, 4, 6);
+  const f64x4 odd = __builtin_shufflevector(t.p[0], t.p[1], 1, 3, 5, 7);
+  const f64x4 p = S == ChunkStat::sum ? even + odd : even * odd;
+  const f64x2 a = __builtin_shufflevector(p, p, 0, 2), c = __builtin_shufflevector(p, p, 1, 3);
+  const f64x2 r = S == ChunkStat::sum ? a + c : a * c;
+  return combine<S>(r[0], r[1]);
+#else
+  double u[8];
+  for (int l = 0; l < 8; ++l) u[l] = at(t, l);
+  return combine<S>(combine<S>(combine<S>(u[0], u[1]), combine<S>(u[2], u[3])),
+                    combine<S>(combine<S>(u[4], u[5]), combine<S>(u[6], u[7])));
+#endif
+}
+
+// Inclusive prefix of 8 lanes: lane l ∘= lane l − 1, then l − 2, then l − 4, lanes shifted in
+// from below the first being the identity (combined too, as in the AVX-512 form).
+template <ChunkStat S>
+SUS_ALWAYS_INLINE void prefix8(Vec8& x) {
+  constexpr double identity = S == ChunkStat::sum ? 0.0 : 1.0;
+#if SUS_VECTOR_BYTES == 32
+  const auto op = [](const f64x4& a, const f64x4& b) { return S == ChunkStat::sum ? a + b : a * b; };
+  const f64x4 id = f64x4{} + identity;
+  f64x4 lo = x.p[0], hi = x.p[1];
+  // by 1: (id, x0, x1, x2), (x3, x4, x5, x6)
+  f64x4 slo = __builtin_shufflevector(id, lo, 0, 4, 5, 6), shi = __builtin_shufflevector(lo, hi, 3, 4, 5, 6);
+  lo = op(lo, slo);
+  hi = op(hi, shi);
+  // by 2: (id, id, x0, x1), (x2, x3, x4, x5)
+  slo = __builtin_shufflevector(id, lo, 0, 1, 4, 5);
+  shi = __builtin_shufflevector(lo, hi, 2, 3, 4, 5);
+  lo = op(lo, slo);
+  hi = op(hi, shi);
+  // by 4: (id, id, id, id), (x0, x1, x2, x3)
+  x.p[1] = op(hi, lo);
+  x.p[0] = op(lo, id);
+#else
+  double v[8];
+  for (int l = 0; l < 8; ++l) v[l] = at(x, l);
+  for (int s = 1; s < 8; s *= 2)
+    for (int l = 7; l >= 0; --l) v[l] = combine<S>(v[l], l >= s ? v[l - s] : identity);
+  from_array(x, v);
+#endif
+}
+
+// Lane k of out: the 8 lanes of x[k] combined by the fixed tree
+// ((x_0 ∘ x_4) ∘ (x_2 ∘ x_6)) ∘ ((x_1 ∘ x_5) ∘ (x_3 ∘ x_7)).
+template <ChunkStat S>
+SUS_ALWAYS_INLINE void group_totals(const Vec8 (&x)[8], Vec8& out) {
+#if SUS_VECTOR_BYTES == 32
+  const auto op = [](const f64x4& a, const f64x4& b) { return S == ChunkStat::sum ? a + b : a * b; };
+  f64x4 t[8], u[4];
+  for (int k = 0; k < 8; ++k) t[k] = op(x[k].p[0], x[k].p[1]);  // (l, l + 4)
+  for (int k = 0; k < 4; ++k)                                    // then (l, l + 2)
+    u[k] = op(__builtin_shufflevector(t[2 * k], t[2 * k + 1], 0, 1, 4, 5),
+              __builtin_shufflevector(t[2 * k], t[2 * k + 1], 2, 3, 6, 7));
+  for (int k = 0; k < 2; ++k)  // then (l, l + 1)
+    out.p[k] = op(__builtin_shufflevector(u[2 * k], u[2 * k + 1], 0, 2, 4, 6),
+                  __builtin_shufflevector(u[2 * k], u[2 * k + 1], 1, 3, 5, 7));
+#else
+  double v[8];
+  for (int k = 0; k < 8; ++k) {
+    const auto e = [&](int l) { return at(x[k], l); };
+    v[k] = combine<S>(combine<S>(combine<S>(e(0), e(4)), combine<S>(e(2), e(6))),
+                      combine<S>(combine<S>(e(1), e(5)), combine<S>(e(3), e(7))));
+  }
+  from_array(out, v);
+#endif
 }
 #else
 struct Vec8 {

@@ -55,58 +55,80 @@ SUS_ALWAYS_INLINE T dot_portable(const T* a, const T* b, index_t n) {
 }
 
 #if defined(SUS_VECTOR_EXTENSIONS)
-// The lanes as a compiler vector (GCC/Clang vector extensions: no intrinsics, any target; the
-// compiler uses the widest registers the target has). Each halving step of the tree is one
-// vector add of the two halves (__builtin_shufflevector), so the accumulator never goes through
-// memory: a 64-value dot is 4 multiply-adds and 4 adds. Lane l of every step is the portable
-// loop's acc[l], so the bits are equal (tested).
-template <class T>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  typedef float v16 __attribute__((vector_size(64)));
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  typedef float v2 __attribute__((vector_size(8)));
-  using full = v16;
-  // x by reference: a 64-byte vector passed by value draws GCC's -Wpsabi ABI note on targets
-  // without AVX-512.
-  static SUS_ALWAYS_INLINE float sum(const v16& x) {
-    const v8 s8 = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+// The lanes as compiler vectors (GCC/Clang vector extensions: no intrinsics, any target) of the
+// target's register width (SUS_VECTOR_BYTES). A lane group of dot_portable (64 bytes) is then
+// P = 64 / width vectors, lane q·NL + r of the group being lane r of vector q. Each halving
+// step of the tree is one vector add: of two vectors while the group spans several, then of
+// the two halves of the last one (__builtin_shufflevector), so the accumulator never goes
+// through memory. Lane l of every step is the portable loop's acc[l], so the bits are equal
+// (tested), whatever the width.
+constexpr int kVectorBytes = SUS_VECTOR_BYTES;
+static_assert(64 % kVectorBytes == 0, "SUS_VECTOR_BYTES must divide the 64-byte lane group");
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x2 __attribute__((vector_size(8)));
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef double f64x2 __attribute__((vector_size(16)));
+
+// The tree of one vector's lanes: lane l += lane l + half, halving to one lane. (By reference:
+// a 64-byte vector passed by value draws GCC's -Wpsabi ABI note on targets without AVX-512.)
+SUS_ALWAYS_INLINE float lane_tree(const f32x2& x) { return x[0] + x[1]; }
+SUS_ALWAYS_INLINE float lane_tree(const f32x4& x) {
+  const f32x2 h = __builtin_shufflevector(x, x, 0, 1) + __builtin_shufflevector(x, x, 2, 3);
+  return lane_tree(h);
+}
+SUS_ALWAYS_INLINE float lane_tree(const f32x8& x) {
+  const f32x4 h = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
+  return lane_tree(h);
+}
+SUS_ALWAYS_INLINE float lane_tree(const f32x16& x) {
+  const f32x8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
                   __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-    const v4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-    const v2 s2 = __builtin_shufflevector(s4, s4, 0, 1) + __builtin_shufflevector(s4, s4, 2, 3);
-    return s2[0] + s2[1];
-  }
-};
-template <>
-struct Lanes<double> {
-  typedef double v8 __attribute__((vector_size(64)));
-  typedef double v4 __attribute__((vector_size(32)));
-  typedef double v2 __attribute__((vector_size(16)));
-  using full = v8;
-  static SUS_ALWAYS_INLINE double sum(const v8& x) {
-    const v4 s4 = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
-    const v2 s2 = __builtin_shufflevector(s4, s4, 0, 1) + __builtin_shufflevector(s4, s4, 2, 3);
-    return s2[0] + s2[1];
+  return lane_tree(h);
+}
+SUS_ALWAYS_INLINE double lane_tree(const f64x2& x) { return x[0] + x[1]; }
+SUS_ALWAYS_INLINE double lane_tree(const f64x4& x) {
+  const f64x2 h = __builtin_shufflevector(x, x, 0, 1) + __builtin_shufflevector(x, x, 2, 3);
+  return lane_tree(h);
+}
+SUS_ALWAYS_INLINE double lane_tree(const f64x8& x) {
+  const f64x4 h = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
+  return lane_tree(h);
+}
+
+template <class T>
+struct Lanes {
+  typedef T native __attribute__((vector_size(kVectorBytes)));
+  static constexpr int NL = kVectorBytes / int(sizeof(T));  // lanes per native vector
+  static constexpr int P = 64 / kVectorBytes;               // native vectors per lane group
+  // The lane tree of a group held as acc[0 .. P) (acc is overwritten).
+  static SUS_ALWAYS_INLINE T sum(native* acc) {
+    for (int w = P / 2; w > 0; w /= 2)
+      for (int q = 0; q < w; ++q) acc[q] += acc[q + w];
+    return lane_tree(acc[0]);
   }
 };
 
 template <class T>
 SUS_ALWAYS_INLINE T dot(const T* a, const T* b, index_t n) {
-  using V = typename Lanes<T>::full;
+  using Ln = Lanes<T>;
+  using V = typename Ln::native;
   constexpr int L = 64 / sizeof(T);
-  V acc = {};
+  V acc[Ln::P] = {};
   const index_t full = n - n % L;
-  for (index_t k = 0; k < full; k += L) {
-    V x, y;
-    std::memcpy(&x, a + k, sizeof(V));  // unaligned loads
-    std::memcpy(&y, b + k, sizeof(V));
-    acc += x * y;
-  }
+  for (index_t k = 0; k < full; k += L)
+    for (int q = 0; q < Ln::P; ++q) {
+      V x, y;
+      std::memcpy(&x, a + k + q * Ln::NL, sizeof(V));  // unaligned loads
+      std::memcpy(&y, b + k + q * Ln::NL, sizeof(V));
+      acc[q] += x * y;
+    }
   T tail = 0;
   for (index_t k = full; k < n; ++k) tail += a[k] * b[k];
-  return Lanes<T>::sum(acc) + tail;
+  return Ln::sum(acc) + tail;
 }
 #else
 template <class T>
