@@ -428,9 +428,16 @@ template <class T, class DK, class DV>
 struct SparseRowFor {
   using type = MemoryRow<T, DK, DV>;
 };
+// RegisterRow with AVX-512 only: its three rows of d = 64 floats take 12 of the 32 zmm
+// registers, but 24 of AVX2's 16 ymm (and 48 of SSE2's 16 xmm), whose spills cost more than
+// MemoryRow's reloads. Measured on a 2-vCPU AMD EPYC (AVX2), one thread, float, d = 64,
+// c = 32, median of 11 calls, three runs: n = 8192, split passes 10.6-11.9 vs 9.6-10.5 ms,
+// key-blocked 12.7-14.2 vs 11.4-11.6; n = 16384 (split) 25.3 vs 22.4; the SSE2 build,
+// key-blocked, 15.8-16.0 vs 14.4-14.5 (split passes equal).
 template <class T, index_t Dim>
 struct SparseRowFor<T, std::integral_constant<index_t, Dim>, std::integral_constant<index_t, Dim>> {
-  using type = RegisterRow<T, Dim>;
+  using type = std::conditional_t<SUS_VECTOR_BYTES == 64, RegisterRow<T, Dim>,
+                                  MemoryRow<T, std::integral_constant<index_t, Dim>, std::integral_constant<index_t, Dim>>>;
 };
 template <class T, class DK, class DV>
 using SparseRow = typename SparseRowFor<T, DK, DV>::type;
