@@ -208,7 +208,8 @@ void check_fused_equals_composition(const Shape& sh, bool accumulate) {
     CHECK(g.dV == composed.dV);
   };
   // Q, K, V, O, dO as strided views (rows 3 values wider than the head, as a head of a fused
-  // buffer): the key-blocked kernel packs K, V and, over several blocks, copies Q, dO.
+  // buffer): the key-blocked kernel packs K, V and, over several blocks, copies Q, dO; the
+  // split passes pack K, V.
   using Strided = Eigen::Map<const M<T>, 0, Eigen::OuterStride<>>;
   const auto widen = [](const M<T>& m) {
     M<T> w = M<T>::Constant(m.rows(), m.cols() + 3, T(7));
@@ -231,6 +232,11 @@ void check_fused_equals_composition(const Shape& sh, bool accumulate) {
     });
     check_variant("range_keys", size, [&](const Args& a, index_t range) {
       sus::detail::sparse_backward_split<T>(a, mask, s, accumulate, accumulate, range);
+    });
+    // the split passes pack strided K, V for the rows pass
+    check_variant("strided inputs, range_keys", size, [&](const Args& a, index_t range) {
+      sus::detail::sparse_backward_split<T>(Args{Qs, Ks, Vs, Os, dOs, a.dQ, a.dK, a.dV}, mask, s, accumulate, accumulate,
+                                            range);
     });
   }
 }
