@@ -20,7 +20,8 @@
 //   backward_sus/n:N/d:D/c:C      attention_backward_sparse on a SusMask. 8·nnz·d flops
 //                                 (SDDMM, SpMM, two transposed SpMMs: 2·d each per kept entry).
 //   gather_roofline/n:N/d:D/c:C   the memory traffic of the key-blocked fused kernel alone
-//                                 (sparse_backward_blocked: strided heads), on backward_sus's mask:
+//                                 (sparse_backward_blocked: heads above one key block where the L2
+//                                 holds blocks of 1 MiB or more), on backward_sus's mask:
 //                                 the key blocks packed as that kernel packs them ([K_j | V_j |
 //                                 gK_j | gV_j], key_block_bytes() each), and for every kept entry,
 //                                 in its order, K_j and V_j read and gK_j, gV_j read and written
