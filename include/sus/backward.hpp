@@ -354,18 +354,25 @@ struct MemoryRow {
   SUS_ALWAYS_INLINE void finish(T*) const {}  // acc is already the output
 };
 
-#if defined(SUS_VECTOR_EXTENSIONS)
-// A row of Dim values held in registers, as Dim / NL compiler vectors of the target's width
-// (Lanes: NL lanes each). Its dot has dot's order (per-lane products summed over the 64-byte
-// lane groups, then the lane tree, then + 0 for the empty tail) and its axpys are axpy's
+// RegisterRow (Q_i, dO_i, acc_i in registers) with AVX-512 only: its three rows of d = 64
+// floats take 12 of the 32 zmm registers, but would take 24 of AVX2's 16 ymm (and 48 of
+// SSE2's 16 xmm), whose spills cost more than MemoryRow's reloads. Measured on a 2-vCPU AMD
+// EPYC (AVX2), one thread, float, d = 64, c = 32, median of 11 calls, three runs: n = 8192,
+// split passes 10.6-11.9 vs 9.6-10.5 ms, key-blocked 12.7-14.2 vs 11.4-11.6; n = 16384
+// (split) 25.3 vs 22.4; the SSE2 build, key-blocked, 15.8-16.0 vs 14.4-14.5 (split passes
+// equal).
+#if defined(SUS_VECTOR_EXTENSIONS) && SUS_VECTOR_BYTES == 64
+// A row of Dim values held in registers, as Dim / L compiler vectors of L = 64 / sizeof(T)
+// lanes (one 64-byte lane group each). Its dot has dot's order (per-lane products summed over
+// the vectors, then the lane tree, then + 0 for the empty tail) and its axpys are axpy's
 // element operations, so every result has the bits of dot and axpy on the same values (tested).
 template <class T, index_t Dim>
 struct Registers {
-  using Ln = Lanes<T>;
-  using V = typename Ln::native;
-  static constexpr index_t L = Ln::NL;
+  using V = typename Lanes<T>::native;
+  static_assert(Lanes<T>::P == 1, "Registers: one vector per 64-byte lane group");
+  static constexpr index_t L = Lanes<T>::NL;
   static constexpr index_t B = Dim / L;
-  static_assert(Dim % (64 / index_t(sizeof(T))) == 0, "Registers: Dim must be a multiple of the 64-byte lane group");
+  static_assert(Dim % L == 0, "Registers: Dim must be a multiple of the lanes");
   V x[B];
   SUS_ALWAYS_INLINE void load(const T* p) {
     for (index_t b = 0; b < B; ++b) std::memcpy(&x[b], p + b * L, sizeof(V));
@@ -374,13 +381,13 @@ struct Registers {
     for (index_t b = 0; b < B; ++b) std::memcpy(p + b * L, &x[b], sizeof(V));
   }
   SUS_ALWAYS_INLINE T dot(const T* p) const {
-    V s[Ln::P] = {};
+    V s = {};
     for (index_t b = 0; b < B; ++b) {
       V y;
       std::memcpy(&y, p + b * L, sizeof(V));
-      s[b % Ln::P] += x[b] * y;
+      s += x[b] * y;
     }
-    return Ln::sum(s) + T(0);
+    return Lanes<T>::sum(&s) + T(0);
   }
   // p += alpha·x
   SUS_ALWAYS_INLINE void add_to(T alpha, T* p) const {
@@ -430,16 +437,9 @@ template <class T, class DK, class DV>
 struct SparseRowFor {
   using type = MemoryRow<T, DK, DV>;
 };
-// RegisterRow with AVX-512 only: its three rows of d = 64 floats take 12 of the 32 zmm
-// registers, but 24 of AVX2's 16 ymm (and 48 of SSE2's 16 xmm), whose spills cost more than
-// MemoryRow's reloads. Measured on a 2-vCPU AMD EPYC (AVX2), one thread, float, d = 64,
-// c = 32, median of 11 calls, three runs: n = 8192, split passes 10.6-11.9 vs 9.6-10.5 ms,
-// key-blocked 12.7-14.2 vs 11.4-11.6; n = 16384 (split) 25.3 vs 22.4; the SSE2 build,
-// key-blocked, 15.8-16.0 vs 14.4-14.5 (split passes equal).
 template <class T, index_t Dim>
 struct SparseRowFor<T, std::integral_constant<index_t, Dim>, std::integral_constant<index_t, Dim>> {
-  using type = std::conditional_t<SUS_VECTOR_BYTES == 64, RegisterRow<T, Dim>,
-                                  MemoryRow<T, std::integral_constant<index_t, Dim>, std::integral_constant<index_t, Dim>>>;
+  using type = RegisterRow<T, Dim>;
 };
 template <class T, class DK, class DV>
 using SparseRow = typename SparseRowFor<T, DK, DV>::type;

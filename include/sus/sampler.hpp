@@ -220,12 +220,6 @@ SUS_ALWAYS_INLINE double combine(double a, double b) {
   return S == ChunkStat::sum ? a + b : a * b;
 }
 
-#if defined(SUS_VECTOR_EXTENSIONS)
-typedef double f64x8 __attribute__((vector_size(64)));
-typedef double f64x4 __attribute__((vector_size(32)));
-typedef double f64x2 __attribute__((vector_size(16)));
-#endif
-
 #if defined(SUS_VECTOR_EXTENSIONS) && SUS_VECTOR_BYTES == 64
 // Compiler vectors (AVX-512: a group of 8 doubles is one register): loads of 8 weights,
 // min(1, c·w) and the conversion to double lane by lane, the trees and prefixes as shuffle

@@ -65,14 +65,6 @@ SUS_ALWAYS_INLINE T dot_portable(const T* a, const T* b, index_t n) {
 constexpr int kVectorBytes = SUS_VECTOR_BYTES;
 static_assert(64 % kVectorBytes == 0, "SUS_VECTOR_BYTES must divide the 64-byte lane group");
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef float f32x2 __attribute__((vector_size(8)));
-typedef double f64x8 __attribute__((vector_size(64)));
-typedef double f64x4 __attribute__((vector_size(32)));
-typedef double f64x2 __attribute__((vector_size(16)));
-
 // The tree of one vector's lanes: lane l += lane l + half, halving to one lane. (By reference:
 // a 64-byte vector passed by value draws GCC's -Wpsabi ABI note on targets without AVX-512.)
 SUS_ALWAYS_INLINE float lane_tree(const f32x2& x) { return x[0] + x[1]; }

@@ -124,6 +124,19 @@ ScoreMask<T> additive_mask(const Matrix<T>& add) {
 
 namespace detail {
 
+#if defined(SUS_VECTOR_EXTENSIONS)
+// Compiler vectors of fixed widths, shared by the backward's lanes (sparse.hpp) and the
+// sampler's groups of 8 doubles (sampler.hpp).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x2 __attribute__((vector_size(8)));
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef double f64x2 __attribute__((vector_size(16)));
+#endif
+
+
 // Keys visible to query i: j < visible_keys(i). Monotone in i; n_k when not causal.
 inline index_t visible_keys(index_t i, index_t n_q, index_t n_k, const AttentionOptions& o) {
   if (!o.causal) return n_k;
