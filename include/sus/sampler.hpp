@@ -171,16 +171,28 @@ namespace detail {
 // Where a draw reads q_j. ArrayQ: a row computed by inclusion_probabilities (waterfill, or a
 // paper row that had to be scaled down). PaperQ: q_j = min(1, c·w_j) straight from the weights,
 // the same T value inclusion_probabilities stores, so the paper budget needs no pass for q.
+// hidden(): the same q, read through a pointer the compiler cannot trace back to this one's.
+// The scan's walks reload their batch through it: otherwise GCC reuses the values the scan
+// loaded, which then stay live across every batch, and spills them to the stack each time.
+template <class P>
+SUS_ALWAYS_INLINE P* hide_pointer(P* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __asm__("" : "+r"(p));
+#endif
+  return p;
+}
 template <class T>
 struct ArrayQ {
   const T* q;
   SUS_ALWAYS_INLINE T operator()(index_t j) const { return q[j]; }
+  SUS_ALWAYS_INLINE ArrayQ hidden() const { return {hide_pointer(q)}; }
 };
 template <class T>
 struct PaperQ {
   const T* w;
   T lam;  // c
   SUS_ALWAYS_INLINE T operator()(index_t j) const { return std::min(T(1), lam * w[j]); }
+  SUS_ALWAYS_INLINE PaperQ hidden() const { return {hide_pointer(w), lam}; }
 };
 
 // The scan. 16 running lanes go along the row: lane l holds the entries j ≡ l (mod 16) seen so
@@ -292,6 +304,14 @@ SUS_ALWAYS_INLINE unsigned compare_mask8(const f64x8& x, double v, bool above) {
   return above ? unsigned(_mm512_cmp_pd_mask(a, b, _CMP_GT_OQ)) : unsigned(_mm512_cmp_pd_mask(a, b, _CMP_LT_OQ));
 }
 
+// Whether some lane of x[0..7] is not below v (≥ v, or NaN).
+SUS_ALWAYS_INLINE bool any_not_below(const f64x8 (&x)[8], double v) {
+  const __m512d b = _mm512_set1_pd(v);
+  unsigned m = 0;
+  for (int k = 0; k < 8; ++k) m |= unsigned(_mm512_cmp_pd_mask(reinterpret_cast<__m512d>(x[k]), b, _CMP_NLT_UQ));
+  return m != 0;
+}
+
 // The lanes' tree (see above) of lo ∘ hi.
 template <ChunkStat S>
 SUS_ALWAYS_INLINE double tree_total(const f64x8& lo, const f64x8& hi) {
@@ -385,30 +405,37 @@ SUS_ALWAYS_INLINE void min_piece(V& x, const V& m) {
   x = x < m ? x : m;
 }
 
+// Floats as doubles lane by lane. With AVX one vcvtps2pd: GCC writes __builtin_convertvector
+// of 4 floats as two conversions of halves, a vinsertf128 and a trip through the stack.
+SUS_ALWAYS_INLINE f64p to_f64p(const f32p& x) {
+#if defined(__AVX__)
+  return reinterpret_cast<f64p>(_mm256_cvtps_pd(reinterpret_cast<__m128>(x)));
+#else
+  return __builtin_convertvector(x, f64p);
+#endif
+}
+SUS_ALWAYS_INLINE f64p to_f64p(const f64p& x) { return x; }
+
+// q_j .. q_{j + kPieceLanes − 1} as doubles: one piece.
 template <class T>
-SUS_ALWAYS_INLINE void load_q8(const ArrayQ<T>& q, index_t j, Vec8& out) {
-  for (int k = 0; k < kPieces; ++k) {
-    if constexpr (std::is_same_v<T, float>) {
-      f32p x;
-      std::memcpy(&x, q.q + j + k * kPieceLanes, sizeof x);
-      out.p[k] = __builtin_convertvector(x, f64p);
-    } else {
-      std::memcpy(&out.p[k], q.q + j + k * kPieceLanes, sizeof(f64p));
-    }
-  }
+SUS_ALWAYS_INLINE f64p load_piece(const ArrayQ<T>& q, index_t j) {
+  std::conditional_t<std::is_same_v<T, float>, f32p, f64p> x;
+  std::memcpy(&x, q.q + j, sizeof x);
+  return to_f64p(x);
 }
 template <class T>
-SUS_ALWAYS_INLINE void load_q8(const PaperQ<T>& q, index_t j, Vec8& out) {
+SUS_ALWAYS_INLINE f64p load_piece(const PaperQ<T>& q, index_t j) {
   using V = std::conditional_t<std::is_same_v<T, float>, f32p, f64p>;
   const V one = V{} + T(1);
-  for (int k = 0; k < kPieces; ++k) {
-    V x;
-    std::memcpy(&x, q.w + j + k * kPieceLanes, sizeof x);
-    x = q.lam * x;
-    min_piece(x, one);  // std::min(T(1), λ·w_j)
-    if constexpr (std::is_same_v<T, float>) out.p[k] = __builtin_convertvector(x, f64p);
-    else out.p[k] = x;
-  }
+  V x;
+  std::memcpy(&x, q.w + j, sizeof x);
+  x = q.lam * x;
+  min_piece(x, one);  // std::min(T(1), λ·w_j)
+  return to_f64p(x);
+}
+template <class Q>
+SUS_ALWAYS_INLINE void load_q8(const Q& q, index_t j, Vec8& out) {
+  for (int k = 0; k < kPieces; ++k) out.p[k] = load_piece(q, j + k * kPieceLanes);
 }
 
 // Bit l: lane l is > v (above) or < v (!above).
@@ -433,18 +460,44 @@ SUS_ALWAYS_INLINE unsigned compare_mask8(const Vec8& x, double v, bool above) {
   return m;
 }
 
+// Whether some lane of x[0..7] is not below v (≥ v, or NaN): one comparison per piece, their
+// OR and one movemask.
+SUS_ALWAYS_INLINE bool any_not_below(const Vec8 (&x)[8], double v) {
+#if defined(__AVX__)
+  const __m256d b = _mm256_set1_pd(v);
+  __m256d m = _mm256_setzero_pd();
+  for (int k = 0; k < 8; ++k)
+    for (int p = 0; p < kPieces; ++p) m = _mm256_or_pd(m, _mm256_cmp_pd(reinterpret_cast<__m256d>(x[k].p[p]), b, _CMP_NLT_UQ));
+  return _mm256_movemask_pd(m) != 0;
+#elif defined(__SSE2__)
+  const __m128d b = _mm_set1_pd(v);
+  __m128d m = _mm_setzero_pd();
+  for (int k = 0; k < 8; ++k)
+    for (int p = 0; p < kPieces; ++p) m = _mm_or_pd(m, _mm_cmpnlt_pd(reinterpret_cast<__m128d>(x[k].p[p]), b));
+  return _mm_movemask_pd(m) != 0;
+#else
+  bool any = false;
+  for (int k = 0; k < 8; ++k)
+    for (int l = 0; l < 8; ++l) any |= !(at(x[k], l) < v);
+  return any;
+#endif
+}
+
 // The lanes' tree of lo ∘ hi: t = lo ∘ hi, then ((t0 ∘ t1) ∘ (t2 ∘ t3)) ∘ ((t4 ∘ t5) ∘ (t6 ∘ t7)).
 template <ChunkStat S>
 SUS_ALWAYS_INLINE double tree_total(const Vec8& lo, const Vec8& hi) {
   Vec8 t = lo;
   if (S == ChunkStat::sum) add_to(t, hi);
   else mul_to(t, hi);
-#if SUS_VECTOR_BYTES == 32  // the AVX-512 form's shuffles, on two halves
-  const f64x4 even = __builtin_shufflevector(t.p[0], t.p[1], 0, 2, 4, 6);
-  const f64x4 odd = __builtin_shufflevector(t.p[0], t.p[1], 1, 3, 5, 7);
+#if SUS_VECTOR_BYTES == 32
+  // The same pairs by in-lane shuffles (vunpcklpd/vunpckhpd) and one extraction of the upper
+  // half, where the AVX-512 form's order of lanes would take cross-lane permutes: this tree
+  // decides the scan's branch on every batch. p = (t0∘t1, t4∘t5, t2∘t3, t6∘t7).
+  const f64x4 even = __builtin_shufflevector(t.p[0], t.p[1], 0, 4, 2, 6);
+  const f64x4 odd = __builtin_shufflevector(t.p[0], t.p[1], 1, 5, 3, 7);
   const f64x4 p = S == ChunkStat::sum ? even + odd : even * odd;
-  const f64x2 a = __builtin_shufflevector(p, p, 0, 2), c = __builtin_shufflevector(p, p, 1, 3);
-  const f64x2 r = S == ChunkStat::sum ? a + c : a * c;
+  const f64x2 a = __builtin_shufflevector(p, p, 0, 1), c = __builtin_shufflevector(p, p, 2, 3);
+  const f64x2 r = S == ChunkStat::sum ? a + c : a * c;  // (t0∘t1) ∘ (t2∘t3), (t4∘t5) ∘ (t6∘t7)
   return combine<S>(r[0], r[1]);
 #else
   double u[8];
@@ -537,6 +590,12 @@ SUS_ALWAYS_INLINE unsigned compare_mask8(const Vec8& x, double v, bool above) {
   unsigned m = 0;
   for (int l = 0; l < 8; ++l) m |= unsigned(above ? x.v[l] > v : x.v[l] < v) << l;
   return m;
+}
+SUS_ALWAYS_INLINE bool any_not_below(const Vec8 (&x)[8], double v) {
+  bool any = false;
+  for (int k = 0; k < 8; ++k)
+    for (int l = 0; l < 8; ++l) any |= !(x[k].v[l] < v);
+  return any;
 }
 template <ChunkStat S>
 SUS_ALWAYS_INLINE double tree_total(const Vec8& lo, const Vec8& hi) {
@@ -648,6 +707,45 @@ SUS_ALWAYS_INLINE void add_batch(ScanLanes& s, const Vec8 (&x)[8]) {
   combine_to<S>(s.hi, hi);
 }
 
+// add_batch of the whole batch [b, b + 64) loaded from q. With registers narrower than 8
+// doubles it goes piece by piece (lanes l of every group, l in one piece), each term added or
+// multiplied in as soon as it is loaded: the same operations on every lane in the same order
+// (the same bits), but a working set of a few registers. Loading all 8 groups first, as
+// add_batch's argument, holds 16 ymm (AVX) or 32 xmm (SSE2) plus the lanes, and GCC, which
+// allocates registers in source order, spilled them to the stack on every batch.
+template <ChunkStat S, class Q>
+SUS_ALWAYS_INLINE void add_whole_batch(ScanLanes& s, const Q& q, index_t b) {
+#if defined(SUS_VECTOR_EXTENSIONS) && SUS_VECTOR_BYTES < 64
+  for (int k = 0; k < kPieces; ++k) {
+    const index_t j = b + k * kPieceLanes;  // piece k of group g: entries j + 8g ..
+    if constexpr (S == ChunkStat::sum) {
+      s.lo.p[k] += (load_piece(q, j) + load_piece(q, j + 16)) + (load_piece(q, j + 32) + load_piece(q, j + 48));
+      s.hi.p[k] += (load_piece(q, j + 8) + load_piece(q, j + 24)) + (load_piece(q, j + 40) + load_piece(q, j + 56));
+    } else {
+      // lo: groups 0, 2, 4, 6; hi: 1, 3, 5, 7. Factors (1 − x_a)(1 − x_b), sums x_a + x_b.
+      f64p f[2], q_part[2];
+      for (int h = 0; h < 2; ++h) {
+        f64p fp[2], qp[2];
+        for (int e = 0; e < 2; ++e) {
+          const f64p xa = load_piece(q, j + 8 * (h + 4 * e)), xb = load_piece(q, j + 8 * (h + 4 * e + 2));
+          fp[e] = (1.0 - xa) * (1.0 - xb);
+          qp[e] = xa + xb;
+        }
+        f[h] = fp[0] * fp[1];
+        q_part[h] = qp[0] + qp[1];
+      }
+      s.lo.p[k] *= f[0];
+      s.hi.p[k] *= f[1];
+      s.q_sum.p[k] += q_part[0] + q_part[1];
+    }
+  }
+#else
+  Vec8 x[8];
+  for (int k = 0; k < 8; ++k) load_q8(q, b + 8 * k, x[k]);
+  add_batch<S>(s, x);
+#endif
+}
+
 // Whether a batch whose running total ends at `end` holds the draw's next point, whose position
 // is `threshold`: systematic, the point lies below the cumulative q at the batch's end;
 // independent, the point's survival level lies above the survival at the batch's end.
@@ -726,8 +824,6 @@ struct SystematicDraw {
   SUS_ALWAYS_INLINE bool walk(const Q& q, index_t b, index_t n, double start, Out& out) {
     Vec8 x[8];
     load_batch(q, b, n, x);
-    std::uint64_t open = 0;  // q > 0
-    for (int k = 0; k < 8; ++k) open |= std::uint64_t{compare_mask8(x[k], 0.0, true)} << (8 * k);
     const TwoLevelTotals<ChunkStat::sum> levels(x, start);
     Vec8 C;
     unsigned candidates = 0;
@@ -739,7 +835,7 @@ struct SystematicDraw {
       if (h != g) {  // group h's running sums
         g = h;
         levels.running(g, C);
-        candidates = static_cast<unsigned>(open >> (8 * g)) & 0xFFu;
+        candidates = compare_mask8(x[g], 0.0, true);  // q > 0
       }
       const unsigned hit = compare_mask8(C, point, true) & candidates;  // C_j > point
       if (!hit) {
@@ -795,21 +891,28 @@ struct IndependentDraw {
   // walk_rebased, which re-bases as it goes.
   template <class Q, class Out>
   SUS_ALWAYS_INLINE bool walk(const Q& q, index_t b, index_t n, double start, Out& out) {
-    Vec8 f[8];
-    load_batch(q, b, n, f);
+    Vec8 x[8], f[8];
+    load_batch(q, b, n, x);
     const index_t rest = n - b;
     const std::uint64_t in_row = rest >= kSamplerBatch ? ~std::uint64_t{0} : (std::uint64_t{1} << rest) - 1;
-    std::uint64_t open = 0, positive = 0;  // q < 1: may hold a point; q ≥ 1 is always kept
-    for (int k = 0; k < 8; ++k) {
-      open |= std::uint64_t{compare_mask8(f[k], 1.0, false)} << (8 * k);
-      positive |= std::uint64_t{compare_mask8(f[k], 0.0, true)} << (8 * k);
+    // q ≥ 1 is always kept (and its factor is 1); q < 1 may hold a point. Most batches have
+    // no q ≥ 1, and their factors are 1 − q.
+    std::uint64_t kept = 0;
+    if (any_not_below(x, 1.0)) {
+      std::uint64_t below_one = 0;
+      for (int k = 0; k < 8; ++k) below_one |= std::uint64_t{compare_mask8(x[k], 1.0, false)} << (8 * k);
+      kept = ~below_one & in_row;
+      for (int k = 0; k < 8; ++k) walk_factor(x[k], f[k]);
+    } else {
+      for (int k = 0; k < 8; ++k) one_minus(x[k], f[k]);
     }
-    std::uint64_t kept = ~open & in_row;
     // Points go to entries with 0 < q < 1 only: a q = 0 entry (or the padding past the row's
     // end) repeats the survival before it only up to the prefix's rounding, and keeping it
-    // would store W / q = 0 / 0.
-    open &= in_row & positive;
-    for (int k = 0; k < 8; ++k) walk_factor(f[k], f[k]);
+    // would store W / q = 0 / 0. (Computed for the groups that are expanded.)
+    const auto open_in = [&](int g) {
+      return compare_mask8(x[g], 1.0, false) & compare_mask8(x[g], 0.0, true) &
+             static_cast<unsigned>(in_row >> (8 * g)) & 0xFFu;
+    };
     const TwoLevelTotals<ChunkStat::survival> levels(f, start);
     const double end = at(levels.ends, 7);
     if (!(end >= 1e-280)) return walk_rebased(q, b, n, start, out);
@@ -823,7 +926,7 @@ struct IndependentDraw {
       if (h != g) {  // group h's running products
         g = h;
         levels.running(g, P);
-        candidates = static_cast<unsigned>(open >> (8 * g)) & 0xFFu;
+        candidates = open_in(g);
       }
       const unsigned hit = compare_mask8(P, R, false) & candidates;  // P_j < R
       if (!hit) {
@@ -910,20 +1013,20 @@ struct IndependentDraw {
 };
 
 // One batch [b, b + 64) into the lanes, walked if it hits. Whole: b + 64 ≤ n. The walk loads
-// the batch again, so that x here never leaves registers.
+// the batch again (through q.hidden()), so that the scan's terms never leave registers.
 template <bool Whole, class Q, class D, class Out>
 SUS_ALWAYS_INLINE void scan_batch(const Q& q, index_t b, index_t n, ScanLanes& s, D& d, Out& out) {
   constexpr ChunkStat S = D::stat;
-  Vec8 x[8];
-  if (Whole) {
-    for (int k = 0; k < 8; ++k) load_q8(q, b + 8 * k, x[k]);
-  } else {
-    load_batch(q, b, n, x);
-  }
   const double start = s.total;
-  add_batch<S>(s, x);
+  if (Whole) {
+    add_whole_batch<S>(s, q, b);
+  } else {
+    Vec8 x[8];
+    load_batch(q, b, n, x);
+    add_batch<S>(s, x);
+  }
   s.total = tree_total<S>(s.lo, s.hi);
-  if (hits<S>(s.total, d.threshold()) && d.walk(q, b, n, start, out)) restart<S>(s);
+  if (hits<S>(s.total, d.threshold()) && d.walk(q.hidden(), b, n, start, out)) restart<S>(s);
 }
 
 // Scans the row from batch start b until its end or until `out` has no room for another
