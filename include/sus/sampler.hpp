@@ -417,14 +417,33 @@ SUS_ALWAYS_INLINE f64p to_f64p(const f32p& x) {
 SUS_ALWAYS_INLINE f64p to_f64p(const f64p& x) { return x; }
 
 // q_j .. q_{j + kPieceLanes − 1} as doubles: one piece.
+#if !defined(__AVX__) && defined(__SSE2__)
+// SSE2: a piece is 2 floats, which GCC's 8-byte vectors handle as a compare-and-blend min;
+// the same operations on the low half of an SSE register instead (one minps, one cvtps2pd).
+SUS_ALWAYS_INLINE __m128 load_2_floats(const float* p) {
+  double bits;
+  std::memcpy(&bits, p, sizeof bits);
+  return _mm_castpd_ps(_mm_set_sd(bits));
+}
+#endif
+
 template <class T>
 SUS_ALWAYS_INLINE f64p load_piece(const ArrayQ<T>& q, index_t j) {
+#if !defined(__AVX__) && defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) return reinterpret_cast<f64p>(_mm_cvtps_pd(load_2_floats(q.q + j)));
+#endif
   std::conditional_t<std::is_same_v<T, float>, f32p, f64p> x;
   std::memcpy(&x, q.q + j, sizeof x);
   return to_f64p(x);
 }
 template <class T>
 SUS_ALWAYS_INLINE f64p load_piece(const PaperQ<T>& q, index_t j) {
+#if !defined(__AVX__) && defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m128 x = _mm_mul_ps(_mm_set1_ps(q.lam), load_2_floats(q.w + j));
+    return reinterpret_cast<f64p>(_mm_cvtps_pd(_mm_min_ps(x, _mm_set1_ps(1.0f))));  // std::min(1, λ·w_j)
+  }
+#endif
   using V = std::conditional_t<std::is_same_v<T, float>, f32p, f64p>;
   const V one = V{} + T(1);
   V x;
@@ -716,6 +735,7 @@ SUS_ALWAYS_INLINE void add_batch(ScanLanes& s, const Vec8 (&x)[8]) {
 template <ChunkStat S, class Q>
 SUS_ALWAYS_INLINE void add_whole_batch(ScanLanes& s, const Q& q, index_t b) {
 #if defined(SUS_VECTOR_EXTENSIONS) && SUS_VECTOR_BYTES < 64
+#pragma GCC unroll 4  // (GCC left the 4 pieces of SSE2 a loop, with the lanes in memory)
   for (int k = 0; k < kPieces; ++k) {
     const index_t j = b + k * kPieceLanes;  // piece k of group g: entries j + 8g ..
     if constexpr (S == ChunkStat::sum) {
