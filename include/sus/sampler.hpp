@@ -416,7 +416,6 @@ SUS_ALWAYS_INLINE f64p to_f64p(const f32p& x) {
 }
 SUS_ALWAYS_INLINE f64p to_f64p(const f64p& x) { return x; }
 
-// q_j .. q_{j + kPieceLanes − 1} as doubles: one piece.
 #if !defined(__AVX__) && defined(__SSE2__)
 // SSE2: a piece is 2 floats, which GCC's 8-byte vectors handle as a compare-and-blend min;
 // the same operations on the low half of an SSE register instead (one minps, one cvtps2pd).
@@ -427,6 +426,7 @@ SUS_ALWAYS_INLINE __m128 load_2_floats(const float* p) {
 }
 #endif
 
+// q_j .. q_{j + kPieceLanes − 1} as doubles: one piece.
 template <class T>
 SUS_ALWAYS_INLINE f64p load_piece(const ArrayQ<T>& q, index_t j) {
 #if !defined(__AVX__) && defined(__SSE2__)
