@@ -136,7 +136,6 @@ typedef double f64x4 __attribute__((vector_size(32)));
 typedef double f64x2 __attribute__((vector_size(16)));
 #endif
 
-
 // Keys visible to query i: j < visible_keys(i). Monotone in i; n_k when not causal.
 inline index_t visible_keys(index_t i, index_t n_q, index_t n_k, const AttentionOptions& o) {
   if (!o.causal) return n_k;
