@@ -485,6 +485,46 @@ void store_rows(MatrixRef<T>& dst, index_t r0, index_t rows, const T* src, index
   dst.middleRows(r0, rows).noalias() = s * Strided(src, rows, cols, Eigen::OuterStride<>(stride));
 }
 
+// Whether K and V are the two halves of one buffer packed key by key (pack_key_rows): row j of
+// V directly follows row j of K, and each row of the buffer is [K_j | V_j].
+template <class T>
+bool kv_interleaved(const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V) {
+  const index_t w = K.cols() + V.cols();
+  return K.rows() > 1 && K.rows() == V.rows() && K.outerStride() == w && V.outerStride() == w &&
+         V.data() == K.data() + K.cols();
+}
+
+// Copies K and V into `dst` key by key, row j = [K_j | V_j] (n_k·(d + d_v) values), and returns
+// views of the two halves. The rows pass gathers both rows of each kept key: packed, they are
+// one span of d + d_v values, in the huge pages of a workspace (thread_workspace), where the
+// user's buffers have 4 KiB pages whose TLB misses (nested page walks on a virtual machine)
+// dominate once the rows outgrow the TLB's reach. Measured on a 2-vCPU AMD EPYC (AVX2, KVM),
+// one thread, float, d = 64, c = 32, rows pass (median ms, 9-15 calls, alternated in one
+// process, two runs): n = 8192: 7.6-8.5 from the user's K, V against 6.1-7.4 packed (the
+// copy: 0.5); n = 16384: 20.5-29.4 against 13.7-18.4 (the copy: 1.0).
+// pack_key_rows copies keys [j0, j1) (all of them by default); packed_key_views gives the views.
+template <class T>
+struct PackedKeys {
+  ConstMatrixRef<T> K, V;
+};
+template <class T>
+PackedKeys<T> packed_key_views(const T* packed, index_t n_k, index_t d, index_t d_v) {
+  using Strided = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
+  return {ConstMatrixRef<T>(Strided(packed, n_k, d, Eigen::OuterStride<>(d + d_v))),
+          ConstMatrixRef<T>(Strided(packed + d, n_k, d_v, Eigen::OuterStride<>(d + d_v)))};
+}
+template <class T>
+PackedKeys<T> pack_key_rows(const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V, T* dst, index_t j0 = 0,
+                            index_t j1 = -1) {
+  const index_t n_k = K.rows(), d = K.cols(), d_v = V.cols(), w = d + d_v;
+  if (j1 < 0) j1 = n_k;
+  for (index_t j = j0; j < j1; ++j) {
+    std::memcpy(dst + j * w, K.row(j).data(), std::size_t(d) * sizeof(T));
+    std::memcpy(dst + j * w + d, V.row(j).data(), std::size_t(d_v) * sizeof(T));
+  }
+  return packed_key_views<T>(dst, n_k, d, d_v);
+}
+
 // The same SUS backward split in two passes that can each run in parallel. The multi-head
 // path uses it when it has too few heads to keep every thread busy with one head each:
 //   rows pass, any split of the rows:  dQ_i as in the fused kernel, and each dS_ij stored at
@@ -506,6 +546,10 @@ void sparse_backward_rows(const BackwardArgs<T>& a, const Csr<T>& mask, T* dS, i
   constexpr index_t ahead = SparseBackwardConfig::prefetch_distance, chunk = SparseBackwardConfig::chunk;
   const index_t end = mask.row_offsets[i1];
   const index_t* col = mask.col_indices.data();
+  // K and V packed key by key ([K_j | V_j], pack_key_rows): the first loop prefetches both,
+  // one span of d + d_v values, so the second finds K_j in cache.
+  const bool kv_packed = kv_interleaved(a.K, a.V);
+  const index_t v_bytes = (kv_packed ? d + d_v : d_v) * index_t(sizeof(T));
   with_head_dims(d, d_v, [&](auto dk, auto dv) {
     using Row = SparseRow<T, decltype(dk), decltype(dv)>;
     for (index_t i = i0; i < i1; ++i) {
@@ -515,12 +559,14 @@ void sparse_backward_rows(const BackwardArgs<T>& a, const Csr<T>& mask, T* dS, i
       for (index_t p0 = mask.row_offsets[i]; p0 < row_end; p0 += chunk) {
         const index_t p1 = std::min(p0 + chunk, row_end);
         for (index_t p = p0; p < p1; ++p) {
-          if (ahead > 0 && p + ahead < end) prefetch(a.V.row(col[p + ahead]).data(), dv * index_t(sizeof(T)), false);
+          if (ahead > 0 && p + ahead < end)
+            prefetch(kv_packed ? a.K.row(col[p + ahead]).data() : a.V.row(col[p + ahead]).data(), v_bytes, false);
           dS[p] = mask.values[p] * (row.dot_dO(a.V.row(col[p]).data()) - D);
           if (bins) ++bins[col[p] >> bin_shift];
         }
         for (index_t p = p0; p < p1; ++p) {
-          if (ahead > 0 && p + ahead < p1) prefetch(a.K.row(col[p + ahead]).data(), dk * index_t(sizeof(T)), false);
+          if (!kv_packed && ahead > 0 && p + ahead < p1)
+            prefetch(a.K.row(col[p + ahead]).data(), dk * index_t(sizeof(T)), false);
           row.add_k(dS[p], a.K.row(col[p]).data());
         }
       }
@@ -646,36 +692,25 @@ void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, 
 // over key ranges of at most range_keys keys (gK, gV of a range in the thread's workspace).
 // The same operations in the same order as the fused kernel: the same bits, for any range.
 // dS lives in the thread's second workspace slot (a fresh vector per call costs its page
-// faults: 0.85 ms per MiB on a KVM guest measured here), and so do K and V, packed row by row
-// for the rows pass's gathers, when they are strided views (the heads of a [B, S, H, D] buffer).
+// faults: 0.85 ms per MiB on a KVM guest measured here), and so do K and V, packed key by key
+// for the rows pass's gathers (pack_key_rows), whatever their strides.
 template <class T>
 void sparse_backward_split(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv,
                            index_t range_keys) {
   const index_t n_q = a.Q.rows(), n_k = a.K.rows(), d = a.K.cols(), d_v = a.V.cols();
-  const bool pack = !rows_contiguous(a.K) || !rows_contiguous(a.V);
   const index_t lines = (mask.nnz() * index_t(sizeof(T)) + 63) / 64;  // the packed rows start on a cache line
   const index_t k_at = lines * 64 / index_t(sizeof(T));
-  T* dS = thread_workspace<T, 1>(k_at + (pack ? n_k * (d + d_v) : 0));
-  if (pack) {
-    T* k = dS + k_at;
-    T* v = k + n_k * d;
-    for (index_t j = 0; j < n_k; ++j) {
-      std::memcpy(k + j * d, a.K.row(j).data(), std::size_t(d) * sizeof(T));
-      std::memcpy(v + j * d_v, a.V.row(j).data(), std::size_t(d_v) * sizeof(T));
-    }
-    const ConstMatrixRef<T> K(Eigen::Map<const Matrix<T>>(k, n_k, d)), V(Eigen::Map<const Matrix<T>>(v, n_k, d_v));
-    sparse_backward_rows<T>(BackwardArgs<T>{a.Q, K, V, a.O, a.dO, a.dQ, a.dK, a.dV}, mask, dS, nullptr, 0, s, acc_q, 0,
-                            n_q);
-  } else {
-    sparse_backward_rows<T>(a, mask, dS, nullptr, 0, s, acc_q, 0, n_q);
-  }
+  T* dS = thread_workspace<T, 1>(k_at + n_k * (d + d_v));
+  const PackedKeys<T> kv = pack_key_rows<T>(a.K, a.V, dS + k_at);
+  sparse_backward_rows<T>(BackwardArgs<T>{a.Q, kv.K, kv.V, a.O, a.dO, a.dQ, a.dK, a.dV}, mask, dS, nullptr, 0, s, acc_q,
+                          0, n_q);
   for (index_t j0 = 0; j0 < n_k; j0 += range_keys)
     sparse_backward_keys<T>(a, mask, dS, s, acc_kv, j0, std::min(n_k, j0 + range_keys));
 }
 
 // Which single-head kernel runs (SparseBackwardConfig): in place when K, V, dK, dV fit one key
 // block and are contiguous; else the split passes where the key blocks are small
-// (split_below_block_bytes; strided K, V packed for the rows pass); else by key blocks, which
+// (split_below_block_bytes; K, V packed for the rows pass); else by key blocks, which
 // pack them too.
 template <class T>
 void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv) {

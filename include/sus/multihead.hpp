@@ -617,13 +617,17 @@ void sparse_multihead_per_group(const HeadsView<const T>& Q, const HeadsView<con
 
 // The two-pass SUS backward of every (sequence, head), in three parallel phases
 // (sparse_backward_rows / _keys in backward.hpp):
-//   1. tasks (b, g): contiguous copies of strided K_g, V_g. The rows pass gathers their rows
-//      at random, and in a layout such as [B, S, H, D] those rows are H·D apart; a copy
-//      (O(n·d)) costs less than the cache and TLB misses it saves.
+//   1. tasks (b, g, key chunk): K_g, V_g packed key by key (pack_key_rows). The rows pass
+//      gathers their rows at random; packed, each kept key is one span in huge pages, where
+//      the user's rows may be H·D apart ([B, S, H, D]) in 4 KiB pages. O(n·d) in all.
 //   2. tasks (b, h, row block): dQ and dS, and the kept entries per bin of keys.
 //   3. tasks (b, g, key range): dK, dV of the range, summing the heads of the group in
 //      ascending order. Each group's keys are cut, at bin edges, into ranges of about equal
 //      nnz: enough ranges for two per thread over all groups.
+// The packed keys and every head's dS live in the calling thread's second workspace slot
+// (thread_workspace<T, 1>; nothing the tasks call uses that slot), so repeated calls reuse
+// their pages: fresh vectors were zero-filled by this thread alone, their page faults about
+// 0.85 ms per MiB on a KVM guest (1 MiB of dS per head at n = 8192, c = 32).
 // The work of every task is fixed by the problem and the thread count only decides how the
 // keys are cut, which no sum depends on: the result is bitwise the same for any count.
 template <class T>
@@ -631,38 +635,50 @@ void sparse_multihead_two_pass(const HeadsView<const T>& Q, const HeadsView<cons
                                const HeadsView<const T>& O, const HeadsView<const T>& dO, const AttentionState<T>& state,
                                const HeadsView<T>& dQ, const HeadsView<T>& dK, const HeadsView<T>& dV,
                                const std::vector<SequenceSpan>& seqs, T scale, bool accumulate, int threads) {
-  constexpr index_t block = SparseBackwardConfig::task_rows, n_bins = 64;
+  constexpr index_t block = SparseBackwardConfig::task_rows, n_bins = 64, pack_keys = 1024;
   const index_t n_seq = static_cast<index_t>(seqs.size()), H = Q.heads, H_kv = K.heads, group = H / H_kv;
-  // Phase 1: packed K_g, V_g where strided.
-  std::vector<Matrix<T>> Kp(static_cast<std::size_t>(n_seq * H_kv)), Vp(Kp.size());
-  parallel_for(n_seq * H_kv, threads, [&](index_t u, int) {
-    const SequenceSpan& sp = seqs[u / H_kv];
-    const index_t g = u % H_kv;
-    if (sp.n_k > 1 && K.stride_seq != K.dim) Kp[u] = K.head(sp.batch, g, sp.k0, sp.n_k);
-    if (sp.n_k > 1 && V.stride_seq != V.dim) Vp[u] = V.head(sp.batch, g, sp.k0, sp.n_k);
-  });
-  std::vector<ConstMatrixRef<T>> Kr, Vr;
+  const index_t d = K.dim, d_v = V.dim;
+  // Workspace: each head's dS, then each group's packed keys, every part starting on a cache line.
+  const auto lines = [](index_t count) {
+    constexpr index_t per_line = 64 / index_t(sizeof(T));
+    return (count + per_line - 1) / per_line * per_line;
+  };
+  std::vector<index_t> dS_at(static_cast<std::size_t>(n_seq * H)), kv_at(static_cast<std::size_t>(n_seq * H_kv));
+  index_t total = 0;
+  for (index_t b = 0; b < n_seq; ++b)
+    for (index_t h = 0; h < H; ++h) {
+      dS_at[b * H + h] = total;
+      total += lines(state.masks[state.at(b, h)].nnz());
+    }
   for (index_t u = 0; u < n_seq * H_kv; ++u) {
-    const SequenceSpan& sp = seqs[u / H_kv];
-    const index_t g = u % H_kv;
-    Kr.push_back(Kp[u].size() > 0 ? ConstMatrixRef<T>(Kp[u]) : ConstMatrixRef<T>(K.head(sp.batch, g, sp.k0, sp.n_k)));
-    Vr.push_back(Vp[u].size() > 0 ? ConstMatrixRef<T>(Vp[u]) : ConstMatrixRef<T>(V.head(sp.batch, g, sp.k0, sp.n_k)));
+    kv_at[u] = total;
+    total += lines(seqs[u / H_kv].n_k * (d + d_v));
   }
+  T* ws = thread_workspace<T, 1>(total);
+  // Phase 1: packed K_g, V_g.
+  struct Block {
+    index_t seq, head, r0, r1;
+  };
+  std::vector<Block> pack_tasks, row_tasks, key_tasks;
+  for (index_t u = 0; u < n_seq * H_kv; ++u)
+    for (index_t j0 = 0; j0 < seqs[u / H_kv].n_k; j0 += pack_keys)
+      pack_tasks.push_back({u / H_kv, u % H_kv, j0, std::min(j0 + pack_keys, seqs[u / H_kv].n_k)});
+  parallel_for(static_cast<index_t>(pack_tasks.size()), threads, [&](index_t t, int) {
+    const Block& k = pack_tasks[static_cast<std::size_t>(t)];
+    const SequenceSpan& sp = seqs[k.seq];
+    pack_key_rows<T>(K.head(sp.batch, k.head, sp.k0, sp.n_k), V.head(sp.batch, k.head, sp.k0, sp.n_k),
+                     ws + kv_at[k.seq * H_kv + k.head], k.r0, k.r1);
+  });
+  std::vector<PackedKeys<T>> kv;
+  for (index_t u = 0; u < n_seq * H_kv; ++u) kv.push_back(packed_key_views<T>(ws + kv_at[u], seqs[u / H_kv].n_k, d, d_v));
   // Bins of 2^shift keys, at most n_bins of them per sequence.
   std::vector<int> shift(static_cast<std::size_t>(n_seq), 0);
   for (index_t b = 0; b < n_seq; ++b)
     while (((seqs[b].n_k - 1) >> shift[b]) >= n_bins) ++shift[b];
   // Phase 2: tasks (b, h, row block).
-  struct Block {
-    index_t seq, head, r0, r1;
-  };
-  std::vector<Block> row_tasks, key_tasks;
-  std::vector<std::vector<T>> dS(static_cast<std::size_t>(n_seq * H));
   for (index_t b = 0; b < n_seq; ++b)
-    for (index_t h = 0; h < H; ++h) {
-      dS[b * H + h].resize(static_cast<std::size_t>(state.masks[state.at(b, h)].nnz()));
+    for (index_t h = 0; h < H; ++h)
       for (index_t i0 = 0; i0 < seqs[b].n_q; i0 += block) row_tasks.push_back({b, h, i0, std::min(i0 + block, seqs[b].n_q)});
-    }
   std::vector<index_t> bins(row_tasks.size() * n_bins, 0);
   parallel_for(static_cast<index_t>(row_tasks.size()), threads, [&](index_t t, int) {
     const Block& k = row_tasks[static_cast<std::size_t>(t)];
@@ -673,8 +689,8 @@ void sparse_multihead_two_pass(const HeadsView<const T>& Q, const HeadsView<cons
     const ConstMatrixRef<T> dOh = dO.head(sp.batch, k.head, sp.q0, sp.n_q);
     MatrixRef<T> dQh = dQ.head(sp.batch, k.head, sp.q0, sp.n_q);
     MatrixRef<T> unused = dQh;
-    const BackwardArgs<T> a{Qh, Kr[bg], Vr[bg], Oh, dOh, dQh, unused, unused};
-    sparse_backward_rows<T>(a, state.masks[state.at(k.seq, k.head)], dS[k.seq * H + k.head].data(), &bins[t * n_bins],
+    const BackwardArgs<T> a{Qh, kv[bg].K, kv[bg].V, Oh, dOh, dQh, unused, unused};
+    sparse_backward_rows<T>(a, state.masks[state.at(k.seq, k.head)], ws + dS_at[k.seq * H + k.head], &bins[t * n_bins],
                             shift[k.seq], scale, accumulate, k.r0, k.r1);
   });
   // Phase 3: each group's keys cut into `ranges` of about equal nnz.
@@ -708,8 +724,8 @@ void sparse_multihead_two_pass(const HeadsView<const T>& Q, const HeadsView<cons
       const ConstMatrixRef<T> Qh = Q.head(sp.batch, h, sp.q0, sp.n_q);
       const ConstMatrixRef<T> dOh = dO.head(sp.batch, h, sp.q0, sp.n_q);
       MatrixRef<T> unused = dKg;
-      const BackwardArgs<T> a{Qh, Kr[bg], Vr[bg], Qh, dOh, unused, dKg, dVg};
-      sparse_backward_keys<T>(a, state.masks[state.at(k.seq, h)], dS[k.seq * H + h].data(), scale,
+      const BackwardArgs<T> a{Qh, kv[bg].K, kv[bg].V, Qh, dOh, unused, dKg, dVg};
+      sparse_backward_keys<T>(a, state.masks[state.at(k.seq, h)], ws + dS_at[k.seq * H + h], scale,
                               accumulate || h > g * group, k.r0, k.r1);
     }
   });
