@@ -31,6 +31,15 @@
 //                                 pay no per-block visit of every query row and can run below
 //                                 this floor) where it does not: the context entry
 //                                 sus_sparse_kernel says which ran.
+//   split_roofline/n:N/d:D/c:C    the memory traffic of the split passes alone (sparse_backward_split:
+//                                 the kernel of contiguous single heads above one key block where
+//                                 the L2 holds blocks under 1 MiB), on backward_sus's mask: K, V
+//                                 packed key by key as that kernel packs them; per kept entry, in
+//                                 row order, [K_j | V_j] read (summed: one dot of 2·d) and a dS
+//                                 value stored (rows pass),
+//                                 then [gK_j | gV_j] read and written (keys pass, Q_i and dO_i
+//                                 read per row), with the kernel's prefetches; dQ, dK, dV stored;
+//                                 no dot products.
 //   sample/n:N/c:C                sample_mask on a recorded W (n x n), paper/independent.
 //   backward_lowrank/n:N/d:D/g:G  sus::lowrank::attention_backward of degree G (sus/lowrank.hpp)
 //                                 from the forward's lse. 8·n·r·d·d flops, r = C(d + G, G)
@@ -265,6 +274,66 @@ void gather_roofline(benchmark::State& state) {
   set_mask_counters(state, mask);
 }
 
+// The split passes' memory traffic alone (sparse_backward_split, the kernel of large single
+// heads where the L2 is small), on backward_sus's mask, with the kernel's layout, order and
+// prefetches but no dot products: K, V packed key by key into the workspace; rows pass: for
+// every kept entry in row order [K_j | V_j] read (8 cache lines at d = 64) and one value stored
+// (dS), a row stored per query (dQ); keys pass: Q_i and dO_i read per row, [gK_j | gV_j] read
+// and written for every kept entry (8 lines), then dK, dV stored.
+void split_roofline(benchmark::State& state) {
+  const index_t n = state.range(0), d = state.range(1);
+  const int c = static_cast<int>(state.range(2));
+  const Inputs& in = inputs(n, d);
+  sus::SusMask<float> sus_mask(sampler(c));
+  Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
+  sus::attention_forward(in.Q, in.K, in.V, O, sus_mask);
+  const sus::Csr<float>& mask = sus_mask.mask;
+  if (2 * d > 512) {
+    state.SkipWithError("split_roofline: d > 256");
+    return;
+  }
+  const index_t w = 2 * d, nnz = mask.nnz(), dS_at = (nnz + 15) / 16 * 16;
+  constexpr index_t ahead = sus::detail::SparseBackwardConfig::prefetch_distance;
+  const index_t* col = mask.col_indices.data();
+  const float* val = mask.values.data();
+  alignas(64) float ones[512];
+  std::fill(ones, ones + 512, 1.0f);
+  for (auto _ : state) {
+    float* ws = sus::detail::thread_workspace<float, 1>(dS_at + n * w);
+    float* dS = ws;
+    sus::detail::pack_key_rows<float>(in.K, in.V, ws + dS_at);
+    const float* kv = ws + dS_at;
+    for (index_t i = 0; i < n; ++i) {  // rows pass
+      for (index_t p = mask.row_offsets[i]; p < mask.row_offsets[i + 1]; ++p) {
+        if (p + ahead < nnz) sus::detail::prefetch(kv + col[p + ahead] * w, w * index_t(sizeof(float)), false);
+        dS[p] = val[p] * sus::detail::dot(kv + col[p] * w, ones, w);  // reads [K_j | V_j]
+      }
+      std::memcpy(dQ.row(i).data(), ones, std::size_t(d) * sizeof(float));
+    }
+    float* g = sus::detail::thread_workspace<float>(n * w);
+    std::fill(g, g + n * w, 0.0f);
+    for (index_t i = 0; i < n; ++i) {  // keys pass
+      const float* q = in.Q.row(i).data();
+      const float* o = in.dO.row(i).data();
+      const index_t p1 = mask.row_offsets[i + 1];
+      for (index_t p = mask.row_offsets[i]; p < p1; ++p) {
+        if (p + ahead < p1) sus::detail::prefetch(g + col[p + ahead] * w, w * index_t(sizeof(float)), true);
+        float* r = g + col[p] * w;
+        sus::detail::axpy(dS[p], q, r, d);  // the kernel's scatter: gK_j += dS_ij Q_i, gV_j += W̃_ij dO_i
+        sus::detail::axpy(val[p], o, r + d, d);
+      }
+    }
+    for (index_t j = 0; j < n; ++j) {
+      std::memcpy(dK.row(j).data(), g + j * w, std::size_t(d) * sizeof(float));
+      std::memcpy(dV.row(j).data(), g + j * w + d, std::size_t(d) * sizeof(float));
+    }
+    benchmark::DoNotOptimize(dV.data());
+    benchmark::DoNotOptimize(dQ.data());
+    benchmark::ClobberMemory();
+  }
+  set_mask_counters(state, mask);
+}
+
 void backward_lowrank(benchmark::State& state) {
   const index_t n = state.range(0), d = state.range(1);
   sus::lowrank::Options lo;
@@ -357,6 +426,7 @@ BENCHMARK(forward_pair)->ArgNames({"n", "d", "c"})->ArgsProduct({{4096, 8192}, {
 BENCHMARK(backward_dense)->ArgNames({"n", "d"})->ArgsProduct({kN, kD})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(backward_sus)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, kD, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(gather_roofline)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, {64}, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(split_roofline)->ArgNames({"n", "d", "c"})->ArgsProduct({kN, {64}, {32}})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(sample)->ArgNames({"n", "c"})->ArgsProduct({kN, kC})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // The low-rank comparison estimator: linear in n; r = C(d + g, g) grows fast with d and g.
