@@ -500,8 +500,8 @@ bool kv_interleaved(const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V) {
 // user's buffers have 4 KiB pages whose TLB misses (nested page walks on a virtual machine)
 // dominate once the rows outgrow the TLB's reach. Measured on a 2-vCPU AMD EPYC (AVX2, KVM),
 // one thread, float, d = 64, c = 32, rows pass (median ms, 9-15 calls, alternated in one
-// process, two runs): n = 8192: 7.6-8.5 from the user's K, V against 6.1-7.4 packed (the
-// copy: 0.5); n = 16384: 20.5-29.4 against 13.7-18.4 (the copy: 1.0).
+// process, two runs): n = 8192: 8.5-8.6 from the user's K, V against 7.2-7.4 packed (the
+// copy: 0.5); n = 16384: 25.4-29.4 against 15.9-18.4 (the copy: 1.0).
 // pack_key_rows copies keys [j0, j1) (all of them by default); packed_key_views gives the views.
 template <class T>
 struct PackedKeys {
