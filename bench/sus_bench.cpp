@@ -35,11 +35,11 @@
 //                                 the kernel of contiguous single heads above one key block where
 //                                 the L2 holds blocks under 1 MiB), on backward_sus's mask: K, V
 //                                 packed key by key as that kernel packs them; per kept entry, in
-//                                 row order, [K_j | V_j] read (summed: one dot of 2·d) and a dS
-//                                 value stored (rows pass),
-//                                 then [gK_j | gV_j] read and written (keys pass, Q_i and dO_i
-//                                 read per row), with the kernel's prefetches; dQ, dK, dV stored;
-//                                 no dot products.
+//                                 row order, [K_j | V_j] read by one dot of 2·d values and a dS
+//                                 value stored (rows pass), then [gK_j | gV_j] updated by the
+//                                 kernel's scatter (keys pass, Q_i and dO_i read per row), with
+//                                 the kernel's prefetches; dQ, dK, dV stored; none of the rows
+//                                 pass's own arithmetic (its dot, axpy and D_i).
 //   sample/n:N/c:C                sample_mask on a recorded W (n x n), paper/independent.
 //   backward_lowrank/n:N/d:D/g:G  sus::lowrank::attention_backward of degree G (sus/lowrank.hpp)
 //                                 from the forward's lse. 8·n·r·d·d flops, r = C(d + G, G)
@@ -209,13 +209,20 @@ void backward_dense(benchmark::State& state) {
   set_rate(state, 8.0 * n * n * d);
 }
 
+// backward_sus's mask (and the rooflines'): the forward with fused sampling of c per row on
+// `in`, its output written to O.
+sus::SusMask<float> sampled_forward(const Inputs& in, int c, Mat& O) {
+  sus::SusMask<float> mask(sampler(c));
+  sus::attention_forward(in.Q, in.K, in.V, O, mask);
+  return mask;
+}
+
 void backward_sus(benchmark::State& state) {
   const index_t n = state.range(0), d = state.range(1);
   const int c = static_cast<int>(state.range(2));
   const Inputs& in = inputs(n, d);
-  sus::SusMask<float> mask(sampler(c));
   Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
-  sus::attention_forward(in.Q, in.K, in.V, O, mask);
+  const sus::SusMask<float> mask = sampled_forward(in, c, O);
   for (auto _ : state) {
     sus::attention_backward_sparse(in.Q, in.K, in.V, O, in.dO, mask.mask, dQ, dK, dV);
     benchmark::DoNotOptimize(dV.data());
@@ -228,9 +235,8 @@ void gather_roofline(benchmark::State& state) {
   const index_t n = state.range(0), d = state.range(1);
   const int c = static_cast<int>(state.range(2));
   const Inputs& in = inputs(n, d);
-  sus::SusMask<float> sus_mask(sampler(c));
   Mat O(n, d), dK(n, d), dV(n, d);
-  sus::attention_forward(in.Q, in.K, in.V, O, sus_mask);
+  const sus::SusMask<float> sus_mask = sampled_forward(in, c, O);
   const sus::Csr<float>& mask = sus_mask.mask;
   const index_t w = 4 * d;  // packed values per key, as in sparse_backward_blocked
   const index_t block_keys = std::max<index_t>(1, std::min<index_t>(n, sus::detail::key_block_bytes() / (w * 4)));
@@ -276,23 +282,23 @@ void gather_roofline(benchmark::State& state) {
 
 // The split passes' memory traffic alone (sparse_backward_split, the kernel of large single
 // heads where the L2 is small), on backward_sus's mask, with the kernel's layout, order and
-// prefetches but no dot products: K, V packed key by key into the workspace; rows pass: for
-// every kept entry in row order [K_j | V_j] read (8 cache lines at d = 64) and one value stored
-// (dS), a row stored per query (dQ); keys pass: Q_i and dO_i read per row, [gK_j | gV_j] read
-// and written for every kept entry (8 lines), then dK, dV stored.
+// prefetches: K, V packed key by key into the workspace; rows pass: for every kept entry in row
+// order [K_j | V_j] read by one dot of 2·d values (8 cache lines at d = 64; the kernel's dot
+// and axpy, and its D_i, are not done) and one value stored (dS), a row stored per query (dQ);
+// keys pass: Q_i and dO_i read per row, [gK_j | gV_j] updated by the kernel's own scatter for
+// every kept entry (8 lines), then dK, dV stored.
 void split_roofline(benchmark::State& state) {
   const index_t n = state.range(0), d = state.range(1);
   const int c = static_cast<int>(state.range(2));
-  const Inputs& in = inputs(n, d);
-  sus::SusMask<float> sus_mask(sampler(c));
-  Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
-  sus::attention_forward(in.Q, in.K, in.V, O, sus_mask);
-  const sus::Csr<float>& mask = sus_mask.mask;
   if (2 * d > 512) {
     state.SkipWithError("split_roofline: d > 256");
     return;
   }
-  const index_t w = 2 * d, nnz = mask.nnz(), dS_at = (nnz + 15) / 16 * 16;
+  const Inputs& in = inputs(n, d);
+  Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
+  const sus::SusMask<float> sus_mask = sampled_forward(in, c, O);
+  const sus::Csr<float>& mask = sus_mask.mask;
+  const index_t w = 2 * d, nnz = mask.nnz(), dS_at = sus::detail::line_padded<float>(nnz);
   constexpr index_t ahead = sus::detail::SparseBackwardConfig::prefetch_distance;
   const index_t* col = mask.col_indices.data();
   const float* val = mask.values.data();

@@ -233,7 +233,7 @@ void check_fused_equals_composition(const Shape& sh, bool accumulate) {
     check_variant("range_keys", size, [&](const Args& a, index_t range) {
       sus::detail::sparse_backward_split<T>(a, mask, s, accumulate, accumulate, range);
     });
-    // the split passes pack strided K, V for the rows pass
+    // the split passes pack K, V key by key for the rows pass, whatever their strides
     check_variant("strided inputs, range_keys", size, [&](const Args& a, index_t range) {
       sus::detail::sparse_backward_split<T>(Args{Qs, Ks, Vs, Os, dOs, a.dQ, a.dK, a.dV}, mask, s, accumulate, accumulate,
                                             range);

@@ -314,6 +314,14 @@ class ThreadWorkspace {
   std::size_t capacity_ = 0;
 };
 
+// `count` values of T rounded up to whole 64-byte cache lines: the offset of the next part of
+// a workspace that holds several, so that each part starts on a cache line.
+template <class T>
+index_t line_padded(index_t count) {
+  constexpr index_t per_line = 64 / index_t(sizeof(T));
+  return (count + per_line - 1) / per_line * per_line;
+}
+
 // Slot 0 is the leaf kernels'; slot 1 is held by sparse_backward_split across its two passes
 // (the dS of every kept entry, and packed K, V for the rows pass), which use slot 0 inside.
 template <class T, int Slot = 0>
@@ -698,8 +706,7 @@ template <class T>
 void sparse_backward_split(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv,
                            index_t range_keys) {
   const index_t n_q = a.Q.rows(), n_k = a.K.rows(), d = a.K.cols(), d_v = a.V.cols();
-  const index_t lines = (mask.nnz() * index_t(sizeof(T)) + 63) / 64;  // the packed rows start on a cache line
-  const index_t k_at = lines * 64 / index_t(sizeof(T));
+  const index_t k_at = line_padded<T>(mask.nnz());  // the packed rows start on a cache line
   T* dS = thread_workspace<T, 1>(k_at + n_k * (d + d_v));
   const PackedKeys<T> kv = pack_key_rows<T>(a.K, a.V, dS + k_at);
   sparse_backward_rows<T>(BackwardArgs<T>{a.Q, kv.K, kv.V, a.O, a.dO, a.dQ, a.dK, a.dV}, mask, dS, nullptr, 0, s, acc_q,

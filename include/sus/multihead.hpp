@@ -640,20 +640,16 @@ void sparse_multihead_two_pass(const HeadsView<const T>& Q, const HeadsView<cons
   const index_t n_seq = static_cast<index_t>(seqs.size()), H = Q.heads, H_kv = K.heads, group = H / H_kv;
   const index_t d = K.dim, d_v = V.dim;
   // Workspace: each head's dS, then each group's packed keys, every part starting on a cache line.
-  const auto lines = [](index_t count) {
-    constexpr index_t per_line = 64 / index_t(sizeof(T));
-    return (count + per_line - 1) / per_line * per_line;
-  };
   std::vector<index_t> dS_at(static_cast<std::size_t>(n_seq * H)), kv_at(static_cast<std::size_t>(n_seq * H_kv));
   index_t ws_size = 0;
   for (index_t b = 0; b < n_seq; ++b)
     for (index_t h = 0; h < H; ++h) {
       dS_at[b * H + h] = ws_size;
-      ws_size += lines(state.masks[state.at(b, h)].nnz());
+      ws_size += line_padded<T>(state.masks[state.at(b, h)].nnz());
     }
   for (index_t u = 0; u < n_seq * H_kv; ++u) {
     kv_at[u] = ws_size;
-    ws_size += lines(seqs[u / H_kv].n_k * (d + d_v));
+    ws_size += line_padded<T>(seqs[u / H_kv].n_k * (d + d_v));
   }
   T* ws = thread_workspace<T, 1>(ws_size);
   // Phase 1: packed K_g, V_g.
