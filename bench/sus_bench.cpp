@@ -117,12 +117,24 @@ void set_rate(benchmark::State& state, double flops_per_iteration) {
       benchmark::Counter(flops_per_iteration * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// One untimed call of `run`, then the timed loop. A case's output buffers (and the mask's, and
+// a first call's workspaces) are freshly allocated for every repetition, and their first writes
+// pay the page faults of their new memory, which a training loop that reuses its buffers does
+// not: with few iterations per repetition those faults landed in the median (one call of the
+// [1, 8192, 8, 64] SUS backward, whose dQ, dK, dV are 48 MiB, took 200 ms against 96 ms once
+// warm, 2026-12-07, AMD EPYC KVM guest).
+template <class F>
+void timed_loop(benchmark::State& state, F&& run) {
+  run();
+  for (auto _ : state) run();
+}
+
 void gemm_roofline(benchmark::State& state) {
   const index_t n = state.range(0), d = state.range(1);
   const Inputs& in = inputs(n, d);
   constexpr index_t Br = sus::detail::ForwardConfig::row_block;
   Mat S(Br, n), O(n, d);
-  for (auto _ : state) {
+  timed_loop(state, [&] {
     for (index_t i0 = 0; i0 < n; i0 += Br) {
       const index_t rows = std::min(Br, n - i0);
       S.topRows(rows).noalias() = in.Q.middleRows(i0, rows) * in.K.transpose();
@@ -130,7 +142,7 @@ void gemm_roofline(benchmark::State& state) {
     }
     benchmark::DoNotOptimize(O.data());
     benchmark::ClobberMemory();
-  }
+  });
   set_rate(state, 4.0 * n * n * d);
 }
 
@@ -139,10 +151,10 @@ void forward_dense(benchmark::State& state) {
   const Inputs& in = inputs(n, d);
   Mat O(n, d);
   sus::LogSumExp<float> lse;
-  for (auto _ : state) {
+  timed_loop(state, [&] {
     sus::attention_forward(in.Q, in.K, in.V, O, lse);
     benchmark::DoNotOptimize(O.data());
-  }
+  });
   set_rate(state, 4.0 * n * n * d);
 }
 
@@ -153,10 +165,10 @@ void forward_sus(benchmark::State& state) {
   Mat O(n, d);
   sus::LogSumExp<float> lse;
   sus::SusMask<float> mask(sampler(c));
-  for (auto _ : state) {
+  timed_loop(state, [&] {
     sus::attention_forward(in.Q, in.K, in.V, O, sus::recorders(lse, mask));
     benchmark::DoNotOptimize(mask.mask.values.data());
-  }
+  });
   set_rate(state, 4.0 * n * n * d);
   set_mask_counters(state, mask.mask);
 }
@@ -202,10 +214,10 @@ void backward_dense(benchmark::State& state) {
   sus::DenseWeights<float> W;
   Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
   sus::attention_forward(in.Q, in.K, in.V, O, W);
-  for (auto _ : state) {
+  timed_loop(state, [&] {
     sus::attention_backward_dense(in.Q, in.K, in.V, O, in.dO, W.W, dQ, dK, dV);
     benchmark::DoNotOptimize(dV.data());
-  }
+  });
   set_rate(state, 8.0 * n * n * d);
 }
 
@@ -223,10 +235,10 @@ void backward_sus(benchmark::State& state) {
   const Inputs& in = inputs(n, d);
   Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
   const sus::SusMask<float> mask = sampled_forward(in, c, O);
-  for (auto _ : state) {
+  timed_loop(state, [&] {
     sus::attention_backward_sparse(in.Q, in.K, in.V, O, in.dO, mask.mask, dQ, dK, dV);
     benchmark::DoNotOptimize(dV.data());
-  }
+  });
   set_rate(state, 8.0 * static_cast<double>(mask.mask.nnz()) * d);
   set_mask_counters(state, mask.mask);
 }
@@ -248,7 +260,7 @@ void gather_roofline(benchmark::State& state) {
   }
   std::vector<index_t> cursor;
   const index_t* col = mask.col_indices.data();
-  for (auto _ : state) {
+  timed_loop(state, [&] {
     cursor.assign(mask.row_offsets.begin(), mask.row_offsets.end() - 1);
     for (index_t j0 = 0; j0 < n; j0 += block_keys) {
       const index_t j1 = std::min(n, j0 + block_keys);
@@ -276,7 +288,7 @@ void gather_roofline(benchmark::State& state) {
     }
     benchmark::DoNotOptimize(dV.data());
     benchmark::ClobberMemory();
-  }
+  });
   set_mask_counters(state, mask);
 }
 
@@ -304,7 +316,7 @@ void split_roofline(benchmark::State& state) {
   const float* val = mask.values.data();
   alignas(64) float ones[512];
   std::fill(ones, ones + 512, 1.0f);
-  for (auto _ : state) {
+  timed_loop(state, [&] {
     float* ws = sus::detail::thread_workspace<float, 1>(dS_at + n * w);
     float* dS = ws;
     sus::detail::pack_key_rows<float>(in.K, in.V, ws + dS_at);
@@ -336,7 +348,7 @@ void split_roofline(benchmark::State& state) {
     benchmark::DoNotOptimize(dV.data());
     benchmark::DoNotOptimize(dQ.data());
     benchmark::ClobberMemory();
-  }
+  });
   set_mask_counters(state, mask);
 }
 
@@ -348,10 +360,10 @@ void backward_lowrank(benchmark::State& state) {
   sus::LogSumExp<float> lse;
   Mat O(n, d), dQ(n, d), dK(n, d), dV(n, d);
   sus::attention_forward(in.Q, in.K, in.V, O, lse);
-  for (auto _ : state) {
+  timed_loop(state, [&] {
     sus::lowrank::attention_backward<float>(in.Q, in.K, in.V, O, in.dO, lse.lse, dQ, dK, dV, {}, lo);
     benchmark::DoNotOptimize(dV.data());
-  }
+  });
   const double r = static_cast<double>(sus::lowrank::feature_dim(d, lo.degree));
   set_rate(state, 8.0 * static_cast<double>(n) * r * d * d);
   state.counters["r"] = r;
@@ -365,11 +377,11 @@ void sample(benchmark::State& state) {
   Mat O(n, 64);
   sus::attention_forward(in.Q, in.K, in.V, O, W);
   index_t nnz = 0;
-  for (auto _ : state) {
+  timed_loop(state, [&] {
     const auto mask = sus::sample_mask(W.W, sampler(c));
     nnz = mask.nnz();
     benchmark::DoNotOptimize(mask.values.data());
-  }
+  });
   state.counters["nnz"] = static_cast<double>(nnz);
   state.counters["entries/s"] =
       benchmark::Counter(static_cast<double>(n) * n, benchmark::Counter::kIsIterationInvariantRate);
@@ -398,7 +410,7 @@ void multihead(benchmark::State& state) {
   st.sampler = sampler(c > 0 ? c : 1);
   const bool forward = kind == MhKind::forward_dense || kind == MhKind::forward_sus;
   if (!forward) sus::multihead_attention_forward(view(in.Q), view(in.K), view(in.V), out(O), st, options);
-  for (auto _ : state) {
+  timed_loop(state, [&] {
     if (forward) {
       sus::multihead_attention_forward(view(in.Q), view(in.K), view(in.V), out(O), st, options);
       benchmark::DoNotOptimize(O.data());
@@ -407,7 +419,7 @@ void multihead(benchmark::State& state) {
                                         out(dK), out(dV), options);
       benchmark::DoNotOptimize(dV.data());
     }
-  }
+  });
   index_t nnz = 0;
   for (const auto& m : st.masks) nnz += m.nnz();
   const double dense_flops = (forward ? 4.0 : 8.0) * static_cast<double>(n) * n * d * h;
