@@ -120,9 +120,9 @@ void set_rate(benchmark::State& state, double flops_per_iteration) {
 // One untimed call of `run`, then the timed loop. A case's output buffers (and the mask's, and
 // a first call's workspaces) are freshly allocated for every repetition, and their first writes
 // pay the page faults of their new memory, which a training loop that reuses its buffers does
-// not: with few iterations per repetition those faults landed in the median (one call of the
-// [1, 8192, 8, 64] SUS backward, whose dQ, dK, dV are 48 MiB, took 200 ms against 96 ms once
-// warm, 2026-12-07, AMD EPYC KVM guest).
+// not: with few iterations per repetition those faults landed in the median (the
+// [1, 8192, 8, 64] SUS backward on one thread, whose dQ, dK, dV are 48 MiB: 200-214 ms a call
+// without the untimed call, 68-70 ms with it; 2026-12-07, AMD EPYC KVM guest).
 template <class F>
 void timed_loop(benchmark::State& state, F&& run) {
   run();
