@@ -50,7 +50,7 @@ struct SparseBackwardConfig {
   // (sparse_backward_blocked) of at most key_block_bytes() of packed rows each, so that a
   // block stays in a core's L2 cache while every query row adds its entries of the block.
   // key_block_bytes() is l2_fraction of the L2 cache the OS reports (sysconf), else
-  // default_block_bytes. Measured: docs/method.md.
+  // default_block_bytes. Measured: docs/method.md (SUS backprop: block sizes by key blocks).
   static constexpr double l2_fraction = 0.75;
   static constexpr index_t default_block_bytes = index_t(768) << 10;
   static constexpr index_t min_block_bytes = index_t(256) << 10;
@@ -66,19 +66,13 @@ struct SparseBackwardConfig {
   // back and the key blocks are smaller than split_below_block_bytes (a small L2): which of
   // the two wins depends on the L2. Every key block visits every query row (Q_i, dO_i and the
   // dQ accumulator, an O(n²/block) term), which the split does not pay; the split instead
-  // gathers K_j, V_j and gK_j, gV_j from beyond L2. Measured, one thread, float, c = 32, both
-  // kernels alternated in one process (median ms):
-  //   2-vCPU AMD EPYC (AVX-512; 1 MiB L2 per core, 32 MiB L3; key blocks of 768 KiB), split vs
-  //   blocked, median of two runs: d = 64: 0.30 vs 0.34 (n = 1024), 0.72 vs 0.80 (2048),
-  //   1.76-2.04 vs 2.11-2.31 (4096), 4.55-4.96 vs 5.83-6.19 (8192), 11.9-17.4 vs 24.5-36.3
-  //   (16384); d = 128, n = 8192: 15.5 vs 26.2. Both passes at d = 128, n = 8192: 12.2 ms with
-  //   two key ranges of 4 MiB (with argument checks) against 16.4 with one range of 8 MiB.
-  //   2-vCPU Intel Xeon (AVX-512; 2 MiB L2 per core; key blocks of 1.5 MiB), split vs blocked,
-  //   7-15 calls each: d = 64: 2.8 vs 2.6 (n = 4096), 8.2-9.1 vs 6.6-7.2 (8192, three runs),
-  //   25.6 vs 20.3 (16384); d = 128, n = 8192: 22.0 vs 17.0.
+  // gathers K_j, V_j and gK_j, gV_j from beyond L2. The split won with 1 MiB of L2 per core
+  // and lost with 2 MiB. Measured: docs/method.md (SUS backprop: the split passes against the
+  // key-blocked kernel; key_range_bytes too).
   static constexpr index_t split_below_block_bytes = index_t(1) << 20;
   // The key-blocked kernel copies strided Q and dO rows back to back first when the keys take
-  // more than copy_rows_min_blocks blocks. Measured: docs/method.md.
+  // more than copy_rows_min_blocks blocks. Measured: docs/method.md (SUS backprop: strided Q
+  // and dO).
   static constexpr index_t copy_rows_min_blocks = 2;
   static constexpr index_t key_range_bytes = index_t(4) << 20;
   static_assert(key_range_bytes > 0, "SparseBackwardConfig::key_range_bytes must be positive");
@@ -122,21 +116,13 @@ inline bool split_passes_for_large_heads() {
 }
 
 struct DenseBackwardConfig {
-  // Query rows per block. Measured, before the key tiles below, on a
-  // 2-vCPU AMD EPYC, one thread, float, d = 64 (median of 7–15 calls, the sizes interleaved):
-  // 128 rows beat 256 by 4–9% at n = 2048, 4096 and 8192 (and at n = 4096, d = 128); 64 and
-  // 512 were no better (the 128 x n_k blocks of W and dS, 4 MiB at n = 8192, stay in the
-  // last-level cache). On an Intel Xeon (2 MiB L2) alternated runs of 128 and 256 at n = 4096
-  // and 8192 were within the noise.
+  // Query rows per block. Measured: docs/method.md (One attention head).
   static constexpr index_t row_block = 128;
   static_assert(row_block > 0, "DenseBackwardConfig::row_block must be positive");
   // Keys per tile of a row block: W_t, dS_t are row_block x key_tile (128 KiB each in float),
   // so a tile's operands stay in L2 from one GEMM to the next; without tiling they are
-  // row_block x n_k (4 MiB at n_k = 8192) and go round the last-level cache. Measured on a
-  // 2-vCPU AMD EPYC (AVX-512; 1 MiB L2 per core, 32 MiB L3), one thread, float, tiles of 256
-  // against whole rows alternated in one process (median time ratio): d = 64: 0.95 (n = 1024),
-  // 0.97 (2048), 0.90 (4096), 0.94 (8192), 0.85 (16384); d = 128: 0.98 (4096), 0.91 (8192).
-  // Tiles of 512 and 1024 gave 0.92-0.97 at n = 8192, d = 64.
+  // row_block x n_k (4 MiB at n_k = 8192) and go round the last-level cache. Measured:
+  // docs/method.md (One attention head).
   static constexpr index_t key_tile = 256;
   static_assert(key_tile > 0, "DenseBackwardConfig::key_tile must be positive");
   // Row blocks per group: a group's blocks take each key tile in turn, so K_t, V_t, dK_t, dV_t
@@ -144,11 +130,7 @@ struct DenseBackwardConfig {
   // dV go round the last-level cache n_q / (row_group·row_block) times instead of
   // n_q / row_block. Each dQ_b still takes its tiles in ascending j and each dK_t, dV_t its
   // blocks in ascending i: the same sums in the same order, so the same bits for any group.
-  // Measured on a 2-vCPU AMD EPYC (AVX-512; 1 MiB L2 per core, 32 MiB L3), one thread, float,
-  // d = 64, groups of 4 against none alternated in one process (median time ratio, either
-  // order in the process): 0.99-1.00 (n = 1024, 2048), 0.91 (4096), 0.87-0.92 (8192),
-  // 0.93-0.96 (16384); groups of 2 and 8 gave 1.05 and 0.97 against 4 at n = 8192, 8 lost
-  // 1.04 at 16384.
+  // Measured: docs/method.md (One attention head).
   static constexpr index_t row_group = 4;
   static_assert(row_group > 0, "DenseBackwardConfig::row_group must be positive");
 };
@@ -426,11 +408,8 @@ struct MemoryRow {
 
 // RegisterRow (Q_i, dO_i, acc_i in registers) with AVX-512 only: its three rows of d = 64
 // floats take 12 of the 32 zmm registers, but would take 24 of AVX2's 16 ymm (and 48 of
-// SSE2's 16 xmm), whose spills cost more than MemoryRow's reloads. Measured on a 2-vCPU AMD
-// EPYC (AVX2), one thread, float, d = 64, c = 32, median of 11 calls, three runs: n = 8192,
-// split passes 10.6-11.9 vs 9.6-10.5 ms, key-blocked 12.7-14.2 vs 11.4-11.6; n = 16384
-// (split) 25.3 vs 22.4; the SSE2 build, key-blocked, 15.8-16.0 vs 14.4-14.5 (split passes
-// equal).
+// SSE2's 16 xmm), whose spills cost more than MemoryRow's reloads. Measured: docs/method.md
+// (SUS backprop: RegisterRow against MemoryRow with AVX2).
 #if defined(SUS_VECTOR_EXTENSIONS) && SUS_VECTOR_BYTES == 64
 // A row of Dim values held in registers, as Dim / L compiler vectors of L = 64 / sizeof(T)
 // lanes (one 64-byte lane group each). Its dot has dot's order (per-lane products summed over
@@ -567,11 +546,8 @@ bool kv_interleaved(const ConstMatrixRef<T>& K, const ConstMatrixRef<T>& V) {
 // Copies K and V into `dst` key by key, row j = [K_j | V_j] (n_k·(d + d_v) values), and returns
 // views of the two halves. The rows pass gathers both rows of each kept key: packed, they are
 // one span of d + d_v values, in the huge pages of a workspace (thread_workspace), where the
-// user's buffers have 4 KiB pages whose TLB misses (nested page walks on a virtual machine)
-// dominate once the rows outgrow the TLB's reach. Measured on a 2-vCPU AMD EPYC (AVX2, KVM),
-// one thread, float, d = 64, c = 32, rows pass (median ms, 9-15 calls, alternated in one
-// process, two runs): n = 8192: 8.5-8.6 from the user's K, V against 7.2-7.4 packed (the
-// copy: 0.5); n = 16384: 25.4-29.4 against 15.9-18.4 (the copy: 1.0).
+// user's buffers have 4 KiB pages whose TLB misses dominate once the rows outgrow the TLB's
+// reach. Measured: docs/method.md (SUS backprop: the split passes pack every head).
 // pack_key_rows copies keys [j0, j1) (all of them by default); packed_key_views gives the views.
 template <class T>
 struct PackedKeys {
@@ -698,13 +674,7 @@ void sparse_backward_keys(const BackwardArgs<T>& a, const Csr<T>& mask, const T*
   store_key_grads<T>(a, j0, nk, gK, gV, w, s, acc_kv);
 }
 
-// Kept entries [p0, p1) of query row i for the fused kernels, whose row state `row` (Q_i,
-// dO_i, the dQ_i accumulator) the caller holds. at(j) gives the rows of key j: at(j).k = K_j,
-// .v = V_j, .gk = gK_j, .gv = gV_j. The entries go in chunks of up to `chunk`, each in two
-// phases: first every dS_ij of the chunk (independent dot products, so their latencies
-// overlap), then the three axpys of each entry. Every sum still receives its terms in the
-// same order, so the bits are those of the one-entry-at-a-time loop. V_j is prefetched for
-// entries up to v_ahead_end (the caller's next rows too), K_j, gK_j, gV_j within the chunk.
+// The rows of key j that a kept entry (i, j) of the fused kernels reads and updates.
 template <class T>
 struct KeyRows {
   const T* k;
@@ -712,6 +682,13 @@ struct KeyRows {
   T* gk;
   T* gv;
 };
+// Kept entries [p0, p1) of query row i for the fused kernels, whose row state `row` (Q_i,
+// dO_i, the dQ_i accumulator) the caller holds. at(j) gives the rows of key j: at(j).k = K_j,
+// .v = V_j, .gk = gK_j, .gv = gV_j. The entries go in chunks of up to `chunk`, each in two
+// phases: first every dS_ij of the chunk (independent dot products, so their latencies
+// overlap), then the three axpys of each entry. Every sum still receives its terms in the
+// same order, so the bits are those of the one-entry-at-a-time loop. V_j is prefetched for
+// entries up to v_ahead_end (the caller's next rows too), K_j, gK_j, gV_j within the chunk.
 template <class T, class Row, class At>
 SUS_ALWAYS_INLINE void fused_entries(Row& row, T D_i, const index_t* col, const T* val, index_t p0, index_t p1,
                                      index_t v_ahead_end, index_t k_bytes, index_t v_bytes, const At& at) {
@@ -738,21 +715,7 @@ SUS_ALWAYS_INLINE void fused_entries(Row& row, T D_i, const index_t* col, const 
   }
 }
 
-// The fused SUS backward. For row i and each kept (i, j):
-//   dP_ij = dO_i · V_j                      (SDDMM)
-//   dS_ij = W̃_ij (dP_ij − D_i)
-//   acc_i += dS_ij K_j                      (SpMM, dQ_i = s·acc_i)
-//   gK_j  += dS_ij Q_i,  gV_j += W̃_ij dO_i  (transposed SpMMs, dK = s·gK, dV = gV)
-// Each gK_j / gV_j receives its terms in ascending i and each acc_i in ascending j: the same
-// order, and the same operations, as the composition of the sparse primitives (SDDMM, SpMM,
-// and the transposed SpMMs' gather through the transposed mask, sparse::spmm_transposed).
-// The result is deterministic and bitwise equal to that composition (tested).
-// acc_q / acc_kv: add into dQ / into dK and dV, instead of overwriting (grouped-query heads
-// add their dK, dV into one shared key/value head).
-//
-// A head whose K, V, dK, dV fit in one key block (key_block_bytes()), contiguous and not
-// accumulating into dK, dV, runs in place: one pass over the rows. Any other goes through
-// sparse_backward_blocked below.
+// The fused kernel by key blocks (defined below, after sparse_backward_kernel).
 template <class T>
 void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv,
                              index_t block_keys);
@@ -761,9 +724,9 @@ void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, 
 // the rows pass (dQ, and every dS_ij stored at its position in the mask), then the keys pass
 // over key ranges of at most range_keys keys (gK, gV of a range in the thread's workspace).
 // The same operations in the same order as the fused kernel: the same bits, for any range.
-// dS lives in the thread's second workspace slot (a fresh vector per call costs its page
-// faults: 0.85 ms per MiB on a KVM guest measured here), and so do K and V, packed key by key
-// for the rows pass's gathers (pack_key_rows), whatever their strides.
+// dS lives in the thread's second workspace slot (a fresh vector per call would pay its page
+// faults every call), and so do K and V, packed key by key for the rows pass's gathers
+// (pack_key_rows), whatever their strides. Measured: docs/method.md (SUS backprop).
 template <class T>
 void sparse_backward_split(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv,
                            index_t range_keys) {
@@ -777,10 +740,22 @@ void sparse_backward_split(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bo
     sparse_backward_keys<T>(a, mask, dS, s, acc_kv, j0, std::min(n_k, j0 + range_keys));
 }
 
-// Which single-head kernel runs (SparseBackwardConfig): in place when K, V, dK, dV fit one key
-// block and are contiguous; else the split passes where the key blocks are small
-// (split_below_block_bytes; K, V packed for the rows pass); else by key blocks, which
-// pack them too.
+// The fused SUS backward. For row i and each kept (i, j):
+//   dP_ij = dO_i · V_j                      (SDDMM)
+//   dS_ij = W̃_ij (dP_ij − D_i)
+//   acc_i += dS_ij K_j                      (SpMM, dQ_i = s·acc_i)
+//   gK_j  += dS_ij Q_i,  gV_j += W̃_ij dO_i  (transposed SpMMs, dK = s·gK, dV = gV)
+// Each gK_j / gV_j receives its terms in ascending i and each acc_i in ascending j: the same
+// order, and the same operations, as the composition of the sparse primitives (SDDMM, SpMM,
+// and the transposed SpMMs' gather through the transposed mask, sparse::spmm_transposed).
+// The result is deterministic and bitwise equal to that composition (tested).
+// acc_q / acc_kv: add into dQ / into dK and dV, instead of overwriting (grouped-query heads
+// add their dK, dV into one shared key/value head).
+//
+// Which kernel runs (SparseBackwardConfig): in place, one pass over the rows, when K, V, dK,
+// dV fit one key block (key_block_bytes()), are contiguous and dK, dV are not accumulated
+// into; else the split passes where the key blocks are small (split_below_block_bytes; K, V
+// packed for the rows pass); else by key blocks (sparse_backward_blocked), which pack them too.
 template <class T>
 void sparse_backward_kernel(const BackwardArgs<T>& a, const Csr<T>& mask, T s, bool acc_q, bool acc_kv) {
   using C = SparseBackwardConfig;
