@@ -497,13 +497,15 @@ template <class T, class DK, class DV>
 using SparseRow = MemoryRow<T, DK, DV>;
 #endif
 
-// Rows [r0, r0 + rows) of dst = s·src (src rows `stride` values apart), the kernels' final
-// write of an output they do not read. On x86 (SSE2) rows that start 16-byte aligned, with a
-// length and a row stride of whole 16-byte units, go through non-temporal stores: a normal
-// store first reads each line in, and at a head's stride in a [B, S, H, D] buffer (rows H·D
-// apart, a page every few rows) the hardware prefetch does not read them ahead. Each value
-// is the same product s·src_k either way (the same bits). Unless `fence`, the caller calls
-// store_fence() before it returns.
+// store_rows (after store_fence): rows [r0, r0 + rows) of dst = s·src (src rows `stride`
+// values apart), the kernels' final write of an output they do not read. On x86 (SSE2) rows
+// that start 16-byte aligned, with a length and a row stride of whole 16-byte units, go
+// through non-temporal stores: a normal store first reads each line in, and at a head's
+// stride in a [B, S, H, D] buffer (rows H·D apart, a page every few rows) the hardware
+// prefetch does not read them ahead. Each value is the same product s·src_k either way (the
+// same bits). Unless `fence`, the caller calls store_fence() before it returns.
+//
+// store_fence: orders those non-temporal stores before anything that follows (SSE2 sfence).
 inline void store_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
