@@ -670,8 +670,9 @@ void sparse_multihead_per_group(const HeadsView<const T>& Q, const HeadsView<con
 //      nnz: the fewest ranges for a task count that is a multiple of the thread count.
 // The packed keys and every head's dS live in the calling thread's second workspace slot
 // (thread_workspace<T, 1>; nothing the tasks call uses that slot), so repeated calls reuse
-// their pages: fresh vectors were zero-filled by this thread alone, their page faults about
-// 0.85 ms per MiB on a KVM guest (1 MiB of dS per head at n = 8192, c = 32).
+// their pages: fresh vectors would be zero-filled by this thread alone, a serial part of the
+// call (1 MiB of dS per head at n = 8192, c = 32). Measured: docs/method.md (Multi-head
+// batches and threads).
 // The work of every task is fixed by the problem and the thread count only decides how the
 // keys are cut, which no sum depends on: the result is bitwise the same for any count.
 template <class T>
@@ -740,10 +741,8 @@ void sparse_multihead_two_pass(const HeadsView<const T>& Q, const HeadsView<cons
       group_bins[(row_tasks[t].seq * H_kv + row_tasks[t].head / group) * n_bins + x] += bins[t * n_bins + x];
   // Ranges per group: the fewest for a task count that is a multiple of the thread count
   // (threads / gcd(groups, threads)). Every range's task goes over all the group's query rows,
-  // so more ranges cost more; measured on a 2-vCPU AMD EPYC (AVX2, KVM), one head, n = 8192,
-  // d = 64, c = 32, two threads, the whole call alternated in one process (median ms of 15, five
-  // runs): 2 ranges 6.7-10.3 against 4 (two per thread, before 2026-12-04) 7.2-11.7, lower in
-  // four runs of five and equal in the fifth (ratios 0.90-1.01).
+  // so more ranges cost more: one head on two threads runs 2 ranges, not 4. Measured:
+  // docs/method.md (Multi-head batches and threads).
   const index_t ranges = std::max<index_t>(1, index_t(threads) / std::gcd(n_seq * H_kv, index_t(threads)));
   for (index_t u = 0; u < n_seq * H_kv; ++u) {
     const index_t b = u / H_kv, n_k = seqs[b].n_k;

@@ -244,9 +244,8 @@ struct PaperQ {
 // The walk's totals and the lanes' round differently (by ~1e-16), so a point may fall in the
 // gap past a batch's last interval and before the lanes' total at its end: it then goes to the
 // next entry with q > 0 (systematic), or with q < 1 (independent, whose level is re-based at
-// the walk's end, to within rounding of 1). Measured on rows of 8192 weights at c = 32 (the walks of ~25 batches a row):
-// 2.85 -> 1.90 µs a row (systematic) against a full 64-entry prefix per walk; with the 8
-// random counters of the independent draw's refill computed together (AVX-512), 4.2 -> 2.6 µs.
+// the walk's end, to within rounding of 1). Two levels instead of a full 64-entry prefix per
+// walk. Measured: docs/method.md (Sampler variants, the two-level walk).
 //
 // The scan and its walks run in one function with no call inside but the random numbers'
 // refill (once per 16 draws) and the rare re-based walk (kept entries go to a fixed buffer,
@@ -1184,9 +1183,8 @@ SUS_ALWAYS_INLINE void row_sum_min(const T* w, index_t n, double& sum, T& lowest
   T lo = 0;
 #if defined(SUS_VECTOR_EXTENSIONS)
   // Compiler vectors of 4 values: GCC leaves the scalar form (a lane_sum of converted values,
-  // then a min loop) unvectorised. Measured on a W of 8192 x 8192, float: 46 -> 9.8 ms with
-  // -march=native (AVX-512), 43 -> 15 ms for generic x86-64. (Vectors of 8 values were slower
-  // than the scalar form on generic x86-64.)
+  // then a min loop) unvectorised, and vectors of 8 lost to it on generic x86-64. Measured:
+  // docs/method.md (Precision and checks).
   typedef T v4 __attribute__((vector_size(4 * sizeof(T))));
   f64x4 acc[4] = {};
   v4 m[4] = {};

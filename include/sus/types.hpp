@@ -33,9 +33,9 @@
 #define SUS_VECTOR_EXTENSIONS 1
 // The target's vector register width in bytes, which the kernels' compiler vectors use: 64
 // with AVX-512, 32 with AVX, else 16 (SSE2, NEON). A compiler vector wider than the target's
-// registers lives on the stack, each operation a store and a reload of its parts; measured
-// with AVX2 (a 2-vCPU AMD EPYC, one thread): 64-byte vectors made the sparse backward 2.5-3.8x
-// and sample_mask 1.3x slower than vectors of the register width (docs/method.md).
+// registers lives on the stack, each operation a store and a reload of its parts, which made
+// the sparse backward and the sampler slower. Measured: docs/method.md (SUS backprop: the
+// register width).
 #if defined(__AVX512F__)
 #define SUS_VECTOR_BYTES 64
 #elif defined(__AVX__)
