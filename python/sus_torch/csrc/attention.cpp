@@ -119,9 +119,16 @@ sus::SamplerOptions parse_sampler(const std::string& spec) {
 // them as sus_torch.attention's keywords.
 std::string python_names(std::string msg) {
   const std::pair<const char*, const char*> names[] = {
-      {"'Q'", "'q'"},          {"'K'", "'k'"},          {"'V'", "'v'"},
-      {"'mask'", "'attn_mask'"}, {"options.cu_seqlens_q", "'cu_seqlens_q'"},
-      {"options.cu_seqlens_k", "'cu_seqlens_k'"}, {"state.sampler.c", "c"}, {"options.scale", "scale"}};
+      {"'Q'", "'q'"},
+      {"'K'", "'k'"},
+      {"'V'", "'v'"},
+      {"'mask'", "'attn_mask'"},
+      {"'options.cu_seqlens_q'", "'cu_seqlens_q'"},  // quoted in some messages, bare in others
+      {"'options.cu_seqlens_k'", "'cu_seqlens_k'"},
+      {"options.cu_seqlens_q", "'cu_seqlens_q'"},
+      {"options.cu_seqlens_k", "'cu_seqlens_k'"},
+      {"state.sampler.c", "'c'"},
+      {"options.scale", "'scale'"}};
   for (const auto& [from, to] : names)
     for (std::size_t at = msg.find(from); at != std::string::npos; at = msg.find(from, at + std::strlen(to)))
       msg.replace(at, std::strlen(from), to);
