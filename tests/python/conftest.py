@@ -1,5 +1,6 @@
-"""pytest setup for sus_torch: import the package from python/ (built in place by scripts/test,
-or `cd python && python3 setup.py build_ext --inplace`), else an installed one."""
+"""pytest setup for sus_torch: test the installed package if one is importable (scripts/test
+installs it with pip into build/sus-torch-site and puts that on PYTHONPATH), else the one in
+python/ built in place (`cd python && python3 setup.py build_ext --inplace`)."""
 import os
 import sys
 
@@ -8,8 +9,16 @@ import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
 repo = os.path.dirname(os.path.dirname(here))
-sys.path.insert(0, os.path.join(repo, "python"))
 sys.path.insert(0, here)
+try:
+    import sus_torch
+except ImportError:
+    sys.path.insert(0, os.path.join(repo, "python"))
+    import sus_torch
+
+
+def pytest_report_header(config):
+    return f"sus_torch: {os.path.dirname(sus_torch.__file__)}, torch {torch.__version__}"
 
 
 @pytest.fixture(autouse=True)
