@@ -17,6 +17,7 @@
 
 #include <sus/sus.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -445,6 +446,41 @@ std::vector<int64_t> last_call_info() {
   return r;
 }
 
+// The same forward + backward as the op, called from C++ the way a C++ user of the library
+// would (caller-owned buffers allocated once, no autograd, no Python): the reference for the
+// binding's overhead (bench/torch_bench.py). q, k, v, grad_out: contiguous [B, S, H, D] float32.
+// Returns the wall seconds of each repetition.
+std::vector<double> time_library(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& grad_out, bool causal, c10::string_view backward,
+                                 c10::string_view sampler, int64_t seed, int64_t repetitions) {
+  const Config cfg = make_config(c10::nullopt, c10::nullopt, c10::nullopt, causal, "top_left", c10::nullopt,
+                                 std::string(backward), std::string(sampler), "bshd");
+  check_inputs(q, k, v, cfg);
+  const at::Tensor* all[] = {&q, &k, &v, &grad_out};
+  for (const at::Tensor* t : all)
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->is_contiguous(), "sus::_time_library: float32 contiguous");
+  const sus::HeadsView<const float> Q = heads_view<float>(q, cfg), K = heads_view<float>(k, cfg),
+                                    V = heads_view<float>(v, cfg), dO = heads_view<float>(grad_out, cfg);
+  at::Tensor out = at::empty_like(grad_out), dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const sus::MultiHeadOptions options = multihead_options(cfg);
+  sus::AttentionState<float> state;
+  state.save = cfg.dense_backward ? sus::SaveForBackward::dense_weights : sus::SaveForBackward::sus_mask;
+  state.sampler = cfg.sampler;
+  std::vector<double> seconds;
+  for (int64_t r = 0; r < repetitions; ++r) {
+    state.sampler.seed = static_cast<std::uint64_t>(seed + r);
+    const auto t0 = std::chrono::steady_clock::now();
+    call_library([&] {
+      sus::multihead_attention_forward(Q, K, V, heads_view<float>(out, cfg), state, options);
+      sus::multihead_attention_backward(Q, K, V, sus::HeadsView<const float>(heads_view<float>(out, cfg)), dO, state,
+                                        heads_view<float>(dq, cfg), heads_view<float>(dk, cfg),
+                                        heads_view<float>(dv, cfg), options);
+    });
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return seconds;
+}
+
 int64_t openmp_max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -463,6 +499,9 @@ TORCH_LIBRARY(sus, m) {
       "str layout=\"bshd\") -> Tensor");
   m.def("_last_call() -> int[]", &last_call_info);
   m.def("_openmp_max_threads() -> int", &openmp_max_threads);
+  m.def("_time_library(Tensor q, Tensor k, Tensor v, Tensor grad_out, bool causal, str backward, str sampler, "
+        "int seed, int repetitions) -> float[]",
+        &time_library);
 }
 
 TORCH_LIBRARY_IMPL(sus, Autograd, m) { m.impl("attention", &attention_autograd); }
