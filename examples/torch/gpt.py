@@ -212,9 +212,12 @@ def load_documents(path):
     with open(path, "rb") as f:
         text = f.read().decode("latin-1")
     min_bytes = max(1, min(2048, len(text) // 20))
-    docs, current = [], ""
-    for part in text.split("\n\n"):
-        current += part + "\n\n"
+    docs, current, pos = [], "", 0
+    while pos < len(text):  # paragraphs (up to and including their blank line) joined into documents
+        end = text.find("\n\n", pos)
+        end = len(text) if end < 0 else end + 2
+        current += text[pos:end]
+        pos = end
         if len(current) >= min_bytes:
             docs.append(current)
             current = ""

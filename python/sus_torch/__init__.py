@@ -8,12 +8,13 @@ query row), so dq, dk, dv are unbiased and cost O(n·c·d) instead of O(n²·d);
 (backward="dense", which keeps W: O(n²) memory per head). The op is torch.ops.sus.attention,
 registered with an autograd kernel (TorchScript sees it too).
 """
+import contextlib
 import glob
 import os
 
 import torch
 
-__all__ = ["attention", "last_call", "openmp_max_threads"]
+__all__ = ["attention", "override", "collect_stats", "last_call", "openmp_max_threads"]
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _libs = sorted(glob.glob(os.path.join(_here, "_C*.so")))
@@ -32,6 +33,45 @@ def _stream():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return 0
+
+
+_override = {}
+
+
+@contextlib.contextmanager
+def override(**options):
+    """Within the block every sus_torch.attention call uses these keywords (backward, c,
+    budget, draw, seed, generator, or any sampler option) instead of its own: how a tool switches a
+    model's attention between exact and SUS without editing the model
+    (examples/torch/variance.py). Blocks nest; the innermost wins."""
+    global _override
+    saved = _override
+    _override = {**saved, **options}
+    try:
+        yield
+    finally:
+        _override = saved
+
+
+@contextlib.contextmanager
+def collect_stats():
+    """Collects, over the calls in the block, the SUS masks' kept entries ("nnz"), rows and
+    visible (query, key) pairs under the causal options ("pairs"; attn_mask aside), and for
+    every call that saved dense W (backward="dense") the mean attention spread exp(entropy of
+    a row of W) per head ("spread": one list per call, in call order). Yields a dict filled
+    when the block ends."""
+    out = {}
+    torch.ops.sus._take_stats(True)
+    try:
+        yield out
+    finally:
+        r = torch.ops.sus._take_stats(False)
+        out.update(nnz=r[0], rows=r[1], pairs=r[2], spread=[])
+        at = 4
+        for _ in range(int(r[3])):
+            heads, rows = int(r[at]), r[at + 1]
+            out["spread"].append([x / rows if rows else float("nan") for x in r[at + 2:at + 2 + heads]])
+            at += 2 + heads
 
 
 def attention(q, k, v, *, causal=False, alignment="top_left", scale=None, attn_mask=None,
@@ -61,6 +101,13 @@ def attention(q, k, v, *, causal=False, alignment="top_left", scale=None, attn_m
     seed: an explicit mask seed (int), instead of a draw from the generator.
     Threads: torch.get_num_threads(); results are bitwise the same for any thread count.
     """
+    if _override:
+        chosen = {"backward": backward, "c": c, "budget": budget, "draw": draw, "seed": seed,
+                  "generator": generator, **sampler_options}
+        chosen.update(_override)
+        backward, seed, generator = chosen.pop("backward"), chosen.pop("seed"), chosen.pop("generator")
+        c, budget, draw = chosen.pop("c"), chosen.pop("budget"), chosen.pop("draw")
+        sampler_options = chosen
     options = {"c": c, "budget": budget, "draw": draw}
     options.update(sampler_options)
     sampler = ",".join(f"{key}={value}" for key, value in options.items())

@@ -2,6 +2,7 @@
 installs it with pip into build/sus-torch-site and puts that on PYTHONPATH), else the one in
 python/ built in place (`cd python && python3 setup.py build_ext --inplace`)."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -27,3 +28,25 @@ def restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+BUILD = os.path.join(repo, "build")
+
+
+def cpp_tool(name):
+    """build/examples/NAME (built by scripts/test before pytest runs); skip visibly without it."""
+    path = os.path.join(BUILD, "examples", name)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not built (cmake --build build, or scripts/test)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory):
+    """A checkpoint written by examples/train: 2 layers x 2 heads x head dim 8, 4 steps on
+    README.md (n = 32, batch 2, one thread)."""
+    out = str(tmp_path_factory.mktemp("train") / "trained.ckpt")
+    subprocess.run([cpp_tool("train"), "--data", os.path.join(repo, "README.md"), "--out", out, "--steps", "4",
+                    "--n", "32", "--batch", "2", "--layers", "2", "--heads", "2", "--head-dim", "8", "--threads", "1",
+                    "--eval-every", "4", "--eval-batches", "1"], check=True, capture_output=True)
+    return out

@@ -23,7 +23,6 @@ import gpt  # noqa: E402
 
 HELPER_DIR = os.path.join(repo, "build", "sus-torch-helpers")
 HELPER = os.path.join(HELPER_DIR, "model_grad")
-TRAIN = os.path.join(repo, "build", "examples", "train")
 B, N = 2, 24
 
 
@@ -44,13 +43,7 @@ def checkpoints(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpt")
     fresh = str(tmp / "fresh.ckpt")
     subprocess.run([helper(), "init", "2", "2", "8", "5", fresh], check=True)
-    trained = None
-    if os.path.exists(TRAIN):
-        trained = str(tmp / "trained.ckpt")
-        subprocess.run([TRAIN, "--data", os.path.join(repo, "README.md"), "--out", trained, "--steps", "4", "--n", "32",
-                        "--batch", "2", "--layers", "2", "--heads", "2", "--head-dim", "8", "--threads", "1",
-                        "--eval-every", "4", "--eval-batches", "1"], check=True, capture_output=True)
-    return {"fresh": fresh, "trained": trained, "dir": tmp}
+    return {"fresh": fresh, "dir": tmp}
 
 
 def cpp_loss_and_grad(dtype, checkpoint, tokens_path, out_path):
@@ -64,10 +57,8 @@ def cpp_loss_and_grad(dtype, checkpoint, tokens_path, out_path):
 @pytest.mark.parametrize("source", ["fresh", "trained"])
 @pytest.mark.parametrize("dtype,tol", [("f32", 1e-5), ("f64", 1e-10)])
 @pytest.mark.parametrize("attention", ["dense", "torch"])
-def test_gpt_matches_cpp_model(checkpoints, source, dtype, tol, attention):
-    ckpt = checkpoints[source]
-    if ckpt is None:
-        pytest.skip(f"{TRAIN} is not built (cmake --build build, or scripts/test)")
+def test_gpt_matches_cpp_model(checkpoints, request, source, dtype, tol, attention):
+    ckpt = checkpoints["fresh"] if source == "fresh" else request.getfixturevalue("trained_checkpoint")
     text = open(os.path.join(repo, "README.md"), "rb").read()
     window = text[1000:1000 + B * (N + 1)]
     tokens = checkpoints["dir"] / "tokens.bin"

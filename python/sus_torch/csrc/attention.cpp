@@ -17,7 +17,9 @@
 
 #include <sus/sus.hpp>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -46,6 +48,17 @@ struct LastCall {
 };
 std::mutex last_call_mutex;
 LastCall last_call;
+
+// Mask and attention statistics for the variance protocol (examples/torch/variance.py),
+// collected while `on`: the kept entries, rows and visible (i, j) pairs of every SUS forward,
+// and per dense-weights forward (one per attention layer, in call order) the sum over rows of
+// each head's attention spread exp(entropy of the row of W).
+struct Stats {
+  bool on = false;
+  double nnz = 0, rows = 0, pairs = 0;
+  std::vector<std::vector<double>> spread;  // per call: [heads, rows per head, Σ spread of head 0, ...]
+};
+Stats stats;
 
 // ---- Options: sampler keys mirror sus::SamplerOptions ----
 
@@ -299,6 +312,44 @@ void call_library(F&& f) {
   }
 }
 
+// Keys visible to query i of an n_q x n_k sequence under the causal options (attn_mask aside).
+index_t visible_keys(index_t i, index_t n_q, index_t n_k, const sus::MultiHeadOptions& o) {
+  if (!o.causal) return n_k;
+  const index_t last = o.alignment == sus::CausalAlignment::top_left ? i : i + n_k - n_q;
+  return std::min(n_k, std::max<index_t>(0, last + 1));
+}
+
+template <class T>
+void collect_stats(const sus::AttentionState<T>& state, const sus::MultiHeadOptions& o) {
+  const index_t H = state.heads;
+  if (state.save == sus::SaveForBackward::sus_mask) {
+    for (index_t b = 0; b < state.sequences; ++b)
+      for (index_t h = 0; h < H; ++h) {
+        const sus::Csr<T>& m = state.masks[static_cast<std::size_t>(state.at(b, h))];
+        stats.nnz += static_cast<double>(m.nnz());
+        stats.rows += static_cast<double>(m.rows);
+        for (index_t i = 0; i < m.rows; ++i) stats.pairs += static_cast<double>(visible_keys(i, m.rows, m.cols, o));
+      }
+  } else if (state.save == sus::SaveForBackward::dense_weights) {
+    std::vector<double> rec(static_cast<std::size_t>(2 + H), 0.0);
+    rec[0] = static_cast<double>(H);
+    for (index_t b = 0; b < state.sequences; ++b)
+      for (index_t h = 0; h < H; ++h) {
+        const sus::Matrix<T>& W = state.weights[static_cast<std::size_t>(state.at(b, h))];
+        if (h == 0) rec[1] += static_cast<double>(W.rows());
+        for (index_t i = 0; i < W.rows(); ++i) {
+          double entropy = 0;
+          for (index_t j = 0; j < W.cols(); ++j) {
+            const double w = static_cast<double>(W(i, j));
+            if (w > 0) entropy -= w * std::log(w);
+          }
+          rec[static_cast<std::size_t>(2 + h)] += std::exp(entropy);
+        }
+      }
+    stats.spread.push_back(std::move(rec));
+  }
+}
+
 template <class T>
 at::Tensor forward_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Config& cfg,
                          sus::SaveForBackward save, std::uint64_t seed, Saved& saved) {
@@ -316,6 +367,7 @@ at::Tensor forward_typed(const at::Tensor& q, const at::Tensor& k, const at::Ten
   call_library([&] { sus::multihead_attention_forward(Q, K, V, O, state, saved.options, mask); });
   {
     std::lock_guard<std::mutex> lock(last_call_mutex);
+    if (stats.on) collect_stats(state, saved.options);
     last_call.forward_threads = saved.options.num_threads;
     last_call.forward_ptrs[0] = reinterpret_cast<std::int64_t>(Q.data);
     last_call.forward_ptrs[1] = reinterpret_cast<std::int64_t>(K.data);
@@ -481,6 +533,17 @@ std::vector<double> time_library(const at::Tensor& q, const at::Tensor& k, const
   return seconds;
 }
 
+// Starts (on = true: cleared) or stops collecting Stats; returns what was collected:
+// [nnz, rows, pairs, calls, then per dense-weights call: heads, rows, Σ spread per head].
+std::vector<double> take_stats(bool on) {
+  std::lock_guard<std::mutex> lock(last_call_mutex);
+  std::vector<double> r = {stats.nnz, stats.rows, stats.pairs, static_cast<double>(stats.spread.size())};
+  for (const auto& rec : stats.spread) r.insert(r.end(), rec.begin(), rec.end());
+  stats = Stats();
+  stats.on = on;
+  return r;
+}
+
 int64_t openmp_max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -499,6 +562,7 @@ TORCH_LIBRARY(sus, m) {
       "str layout=\"bshd\") -> Tensor");
   m.def("_last_call() -> int[]", &last_call_info);
   m.def("_openmp_max_threads() -> int", &openmp_max_threads);
+  m.def("_take_stats(bool on) -> float[]", &take_stats);
   m.def("_time_library(Tensor q, Tensor k, Tensor v, Tensor grad_out, bool causal, str backward, str sampler, "
         "int seed, int repetitions) -> float[]",
         &time_library);
