@@ -55,3 +55,27 @@ def test_inference_mode_forward():
     with torch.inference_mode():
         out = sus_torch.attention(q, k, v, **kw)
     assert_close(out, ref(q, k, v).detach(), "inference_mode forward")
+
+
+@torch.jit.script
+def scripted_attention(q, k, v):
+    return torch.ops.sus.attention(q, k, v, causal=True, backward="dense")
+
+
+def test_torchscript_calls_the_op_with_autograd():
+    (q, k, v), _, ref = make_case("causal_top_left", torch.float64)
+    out = scripted_attention(q, k, v)
+    want = ref(q, k, v)
+    assert torch.allclose(out, want, atol=1e-12, rtol=1e-12)
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    exp = torch.autograd.grad(want.sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=1e-12) for a, b in zip(got, exp))
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 2, 4), (1, 0, 2, 4)])
+def test_empty_batch_or_sequence(shape):
+    q = torch.randn(*shape, requires_grad=True)
+    out = sus_torch.attention(q, q.detach(), q.detach(), causal=True)
+    assert out.shape == shape
+    (dq,) = torch.autograd.grad(out.sum(), (q,))
+    assert dq.shape == shape
