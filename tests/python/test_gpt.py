@@ -8,6 +8,7 @@ before pytest runs; without it that case is skipped, visibly), and one freshly i
 the C++ model. Tolerances: float32 |Δloss| <= 1e-5·|loss| and, per parameter tensor,
 ‖Δg‖ <= 1e-5·‖g‖; float64 1e-10 for both.
 """
+import math
 import os
 import struct
 import subprocess
@@ -76,3 +77,31 @@ def test_gpt_matches_cpp_model(checkpoints, request, source, dtype, tol, attenti
         err = (g.double() - ref).norm().item()
         assert err <= tol * ref.norm().item() + 1e-300, f"{name}: |Δg| {err:.3g} vs |g| {ref.norm().item():.3g}"
     assert offset == cpp_grad.numel()
+
+
+def test_brown_parsing_and_split_match_data_hpp(tmp_path):
+    # The strings of tests/test_model.cpp's Brown test: the same text as data::brown_to_text.
+    raw = ("\n\n\tThe/at jury/nn said/vbd ``/`` no/at 1-1/2/cd ''/'' ,/, it/pps (/( said/vbd )/) ./.\n\n"
+           "Next/ap sentence/nn ./.\n\n\tNew/jj paragraph/nn ./.\n")
+    assert gpt.brown_to_text(raw) == "The jury said \"no 1-1/2\", it (said). Next sentence.\nNew paragraph.\n"
+    train, val = gpt.split_by_document([chr(ord("a") + k) for k in range(20)])
+    assert bytes(val.tolist()) == b"j\nt" and train.numel() == 18 * 2 - 1
+    # A Brown directory: files c[a-r]NN in name order, anything else ignored.
+    for name, text in [("cb02", "Second/ap ./.\n"), ("ca01", "First/ap ./.\n"), ("README", "x/y\n")]:
+        (tmp_path / name).write_text(text)
+    assert gpt.load_documents(str(tmp_path)) == ["First.\n", "Second.\n"]
+
+
+@pytest.mark.parametrize("attention", ["sus", "dense", "torch"])
+def test_gpt_training_loop_logs_and_saves(tmp_path, capsys, attention):
+    ckpt = str(tmp_path / "gpt.ckpt")
+    gpt.main(["--data", os.path.join(repo, "README.md"), "--attention", attention, "--layers", "1", "--heads", "2",
+              "--head-dim", "8", "--n", "32", "--batch", "2", "--steps", "3", "--log-every", "1", "--c", "4",
+              "--save", ckpt])
+    log = capsys.readouterr().out
+    steps = [line for line in log.splitlines() if line.startswith("step")]
+    assert len(steps) == 3 and all("attention" in line and "optimizer" in line for line in steps), log
+    losses = [float(line.split("loss")[1].split()[0]) for line in steps]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    model, step = gpt.load_checkpoint(ckpt)
+    assert step == 3 and model.cfg.n_layer == 1
