@@ -79,3 +79,15 @@ def test_empty_batch_or_sequence(shape):
     assert out.shape == shape
     (dq,) = torch.autograd.grad(out.sum(), (q,))
     assert dq.shape == shape
+
+
+def test_no_grad_keeps_only_the_log_sum_exp():
+    # Under torch.no_grad nothing is saved for a backward: no SUS mask is sampled.
+    (q, k, v), kw, ref = make_case("gqa", torch.float32)
+    with torch.no_grad(), sus_torch.collect_stats() as st:
+        out = sus_torch.attention(q, k, v, c=2, **kw)
+    assert st["nnz"] == 0 and not out.requires_grad
+    assert_close(out, ref(q, k, v).detach(), "no_grad forward")
+    with sus_torch.collect_stats() as st:
+        sus_torch.attention(q, k, v, c=2, **kw)
+    assert st["nnz"] > 0  # with grad mode on, the masks are sampled in the forward

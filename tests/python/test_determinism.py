@@ -6,7 +6,7 @@
   ran on two threads in the second case: it handed num_threads = 2 to the library
   (sus_torch.last_call(), recorded in C++), OpenMP is linked (openmp_max_threads() follows
   torch's setting), and threads other than the caller's burned CPU time during the calls
-  (process CPU time minus the calling thread's: at least 20% of the total, where a one-thread
+  (process CPU time minus the calling thread's: at least 10% of the total, where a one-thread
   run adds none).
 """
 import time
@@ -63,5 +63,5 @@ def test_thread_count_does_not_change_bits():
             other_cpu[threads, backward] = (cpu - own) / cpu
     for backward in ("sus", "dense"):
         assert all_equal(results[1, backward], results[2, backward]), backward
-        assert other_cpu[2, backward] >= 0.2, f"{backward}: other threads used {other_cpu[2, backward]:.0%} of the CPU time"
+        assert other_cpu[2, backward] >= 0.1, f"{backward}: other threads used {other_cpu[2, backward]:.0%} of the CPU time"
     print("CPU time on threads other than the caller's:", {k: f"{v:.0%}" for k, v in other_cpu.items()})

@@ -434,9 +434,10 @@ variable_list backward_typed(Saved& saved, const at::Tensor& q, const at::Tensor
 }
 
 struct SusAttention : torch::autograd::Function<SusAttention> {
+  // needs_grad: grad mode was on and an input requires grad (decided by the caller: apply
+  // turns grad mode off around forward). Otherwise only the log-sum-exp is kept.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const Config& cfg, std::uint64_t seed) {
-    const bool needs_grad = q.requires_grad() || k.requires_grad() || v.requires_grad();
+                               const Config& cfg, std::uint64_t seed, bool needs_grad) {
     const sus::SaveForBackward save = !needs_grad          ? sus::SaveForBackward::lse_only
                                       : cfg.dense_backward ? sus::SaveForBackward::dense_weights
                                                            : sus::SaveForBackward::sus_mask;
@@ -455,7 +456,7 @@ struct SusAttention : torch::autograd::Function<SusAttention> {
     const at::Tensor grad_out = readable_grad(grads[0]);
     variable_list g = t[0].scalar_type() == at::kFloat ? backward_typed<float>(*saved, t[0], t[1], t[2], t[3], grad_out)
                                                        : backward_typed<double>(*saved, t[0], t[1], t[2], t[3], grad_out);
-    return {g[0], g[1], g[2], at::Tensor(), at::Tensor()};
+    return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -477,7 +478,9 @@ Config config_of(const c10::optional<at::Tensor>& attn_mask, const c10::optional
 
 at::Tensor attention_autograd(SUS_ATTENTION_PARAMS) {
   const Config cfg = config_of(attn_mask, cu_seqlens_q, cu_seqlens_k, causal, alignment, scale, backward, sampler, layout);
-  return SusAttention::apply(q, k, v, cfg, mask_seed(seed, generator, stream))[0];
+  const bool needs_grad =
+      at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  return SusAttention::apply(q, k, v, cfg, mask_seed(seed, generator, stream), needs_grad)[0];
 }
 
 // Without autograd (inference mode): the forward alone, saving only the log-sum-exp.
