@@ -285,3 +285,27 @@ TEMPLATE_TEST_CASE("robustness: empty views with huge strides address nothing", 
         e.view(6, 3, 0, 1, 4, kHuge, kHuge, kHuge), e.view(7, 3, 0, 1, 4, kHuge, kHuge, kHuge)));
   }
 }
+
+// Found by tests/fuzz (fuzz_csr, kept as tests/fuzz/crashes/fuzz_csr-float-scale-beyond-flt-max):
+// a scale finite as a double but infinite as a float (1e39) passed the check, and a float
+// backward with a mask without entries returned dQ, dK = inf·0 = NaN and no error.
+TEST_CASE("robustness: a scale beyond the type's range is rejected, not turned into inf", "[robustness]") {
+  sus_test::Problem<float> p(4, 5, 3, 2, false, 9);
+  const sus::Csr<float> empty(4, 5);
+  sus_test::Grads<float> g(p);
+  sus::AttentionOptions o;
+  o.scale = 1e39;
+  CHECK_THAT(sus_test::error_message([&] {
+               sus::attention_backward_sparse(p.Q, p.K, p.V, p.O, p.dO, empty, g.dQ, g.dK, g.dV, o);
+             }),
+             StartsWith("sus::attention_backward_sparse:") && Contains("options.scale") && Contains("float"));
+  sus::Matrix<float> O(4, 2);
+  CHECK_THAT(sus_test::error_message([&] { sus::attention_forward(p.Q, p.K, p.V, O, sus::NoRecord{}, o); }),
+             StartsWith("sus::attention_forward:") && Contains("options.scale"));
+  // The same scale is fine in double.
+  sus_test::Problem<double> pd(4, 5, 3, 2, false, 9);
+  sus_test::Grads<double> gd(pd);
+  REQUIRE_NOTHROW(sus::attention_backward_sparse(pd.Q, pd.K, pd.V, pd.O, pd.dO, sus::Csr<double>(4, 5), gd.dQ, gd.dK,
+                                                 gd.dV, o));
+  CHECK((gd.dQ.array() == 0).all());
+}

@@ -181,7 +181,7 @@ InputMagnitudes check_backward_args(const char* fn, const BackwardArgs<T>& a, co
   check_shape(fn, "dQ", a.dQ, n_q, d, "n_q x d, like Q");
   check_shape(fn, "dK", a.dK, n_k, d, "n_k x d, like K");
   check_shape(fn, "dV", a.dV, n_k, d_v, "n_k x d_v, like V");
-  resolve_scale(fn, o, d);
+  resolve_scale<T>(fn, o, d);
   InputMagnitudes m;
   m.Q = check_finite_max(fn, "Q", a.Q);
   m.K = check_finite_max(fn, "K", a.K);
@@ -892,7 +892,7 @@ void attention_backward_sparse(const BackwardArgs<T>& a, const Csr<T>& mask, con
   constexpr const char* fn = "attention_backward_sparse";
   const InputMagnitudes m = check_backward_args(fn, a, o);
   const double w_max = check_mask(fn, mask, a.Q.rows(), a.K.rows(), o);
-  const T s = static_cast<T>(resolve_scale(fn, o, a.Q.cols()));
+  const T s = static_cast<T>(resolve_scale<T>(fn, o, a.Q.cols()));
   sparse_backward_kernel<T>(a, mask, s, o.accumulate, o.accumulate);
   // |W̃| row sums ≤ max row nnz·w_max ≤ n_k·w_max; column sums ≤ n_q·w_max.
   const double bound = gradient_bound(m, s, a.V.cols(), w_max, static_cast<double>(a.K.rows()) * w_max,
@@ -955,7 +955,7 @@ void attention_backward_dense(const BackwardArgs<T>& a, const ConstMatrixRef<T>&
   constexpr const char* fn = "attention_backward_dense";
   const InputMagnitudes m = check_backward_args(fn, a, o);
   check_dense_weights(fn, a, W, o);
-  const T s = static_cast<T>(resolve_scale(fn, o, a.Q.cols()));
+  const T s = static_cast<T>(resolve_scale<T>(fn, o, a.Q.cols()));
   dense_backward_kernel<T>(a, W, s, o, o.accumulate, o.accumulate);
   check_gradients<T>(fn, a, dense_gradient_bound<T>(m, s, a.Q.rows(), a.V.cols(), 1), o.accumulate, s, m);
 }

@@ -36,7 +36,7 @@ void check_forward_args(const char* fn, const ConstMatrixRef<T>& Q, const ConstM
   check_shape(fn, "K", K, n_k, d, "n_k x d, d = Q.cols()");
   check_shape(fn, "V", V, n_k, d_v, "n_k x d_v, n_k = K.rows()");
   check_shape(fn, "O", O, n_q, d_v, "n_q x d_v");
-  resolve_scale(fn, o, d);
+  resolve_scale<T>(fn, o, d);
   check_finite(fn, "Q", Q);
   check_finite(fn, "K", K);
   check_finite(fn, "V", V);
@@ -154,7 +154,7 @@ void attention_forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, c
   check_forward_args<T>(fn, Q, K, V, O, options);
   check_score_mask(fn, mask, Q.rows(), K.rows());
   const index_t n_q = Q.rows(), d = Q.cols(), n_k = K.rows();
-  const T scale = static_cast<T>(resolve_scale(fn, options, d));
+  const T scale = static_cast<T>(resolve_scale<T>(fn, options, d));
   constexpr index_t Br = ForwardConfig::row_block;
 
   recorder.begin(n_q, n_k);

@@ -181,7 +181,7 @@ template <class T>
 void lowrank_backward(const BackwardArgs<T>& a, const Eigen::Ref<const Vector<T>>& lse, const AttentionOptions& o,
                       const Options& lo) {
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
-  const T s = static_cast<T>(sus::detail::resolve_scale("lowrank::attention_backward", o, d));
+  const T s = static_cast<T>(sus::detail::resolve_scale<T>("lowrank::attention_backward", o, d));
   const FeatureMap<T> phi(d, lo.degree);
   const index_t r = phi.dim(), b = lo.block, dvd = d_v * d;
   auto visible = [&](index_t i) { return sus::detail::visible_keys(i, n_q, n_k, o); };
@@ -279,7 +279,7 @@ void lowrank_forward(const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K, con
                      const AttentionOptions& o, const Options& lo) {
   constexpr const char* fn = "lowrank::attention_forward";
   const index_t n_q = Q.rows(), d = Q.cols(), n_k = K.rows(), d_v = V.cols();
-  const T s = static_cast<T>(sus::detail::resolve_scale(fn, o, d));
+  const T s = static_cast<T>(sus::detail::resolve_scale<T>(fn, o, d));
   const FeatureMap<T> phi(d, lo.degree);
   const index_t r = phi.dim(), b = lo.block;
   auto visible = [&](index_t i) { return sus::detail::visible_keys(i, n_q, n_k, o); };
@@ -380,7 +380,7 @@ void attention_backward(const sus::detail::nodeduce_t<ConstMatrixRef<T>>& Q,
   const sus::detail::BackwardArgs<T> a{Q, K, V, O, dO, dQ, dK, dV};
   detail::check_lowrank_backward<T>(fn, a, lse, options, lowrank);
   const index_t n_q = Q.rows(), n_k = K.rows();
-  const T s = static_cast<T>(sus::detail::resolve_scale(fn, options, Q.cols()));
+  const T s = static_cast<T>(sus::detail::resolve_scale<T>(fn, options, Q.cols()));
   sus::reference::detail_ref::backward_loops<T>(fn, a, options, [&](index_t i, auto&& visit) {
     const index_t len = sus::detail::visible_keys(i, n_q, n_k, options);
     if (len == 0) return;
@@ -399,7 +399,7 @@ void attention_forward(const sus::detail::nodeduce_t<ConstMatrixRef<T>>& Q,
   sus::detail::check_forward_args<T>(fn, Q, K, V, O, options);  // the checks of the fast forward
   detail::check_lowrank<T>(fn, Q, K, V.cols(), nullptr, options, lowrank);
   const index_t n_q = Q.rows(), n_k = K.rows();
-  const T s = static_cast<T>(sus::detail::resolve_scale(fn, options, Q.cols()));
+  const T s = static_cast<T>(sus::detail::resolve_scale<T>(fn, options, Q.cols()));
   for (index_t i = 0; i < n_q; ++i) {
     const index_t len = sus::detail::visible_keys(i, n_q, n_k, options);
     O.row(i).setZero();

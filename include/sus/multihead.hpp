@@ -481,7 +481,7 @@ void multihead_forward(const HeadsView<const T>& Q, const HeadsView<const T>& K,
   check_views_disjoint(fn, "O", Oc, "Q", Q);
   check_views_disjoint(fn, "O", Oc, "K", K);
   check_views_disjoint(fn, "O", Oc, "V", V);
-  const T scale = static_cast<T>(resolve_scale(fn, options, Q.dim));
+  const T scale = static_cast<T>(resolve_scale<T>(fn, options, Q.dim));
   const std::vector<SequenceSpan> seqs = sequences(fn, options, Q.batch, Q.seq, K.seq, Q.heads);
   check_heads_mask(fn, mask, options, Q.batch, Q.heads, Q.seq, K.seq);
   if (state.save == SaveForBackward::sus_mask) {
@@ -822,7 +822,7 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
     for (int y = 0; y < 5; ++y) check_views_disjoint(fn, out_names[x], out, in_names[y], *ins[y]);
     for (int y = x + 1; y < 3; ++y) check_views_disjoint(fn, out_names[x], out, out_names[y], HeadsView<const T>(*outs[y]));
   }
-  const T scale = static_cast<T>(resolve_scale(fn, options, Q.dim));
+  const T scale = static_cast<T>(resolve_scale<T>(fn, options, Q.dim));
   const std::vector<SequenceSpan> seqs = sequences(fn, options, Q.batch, Q.seq, K.seq, Q.heads);
   const index_t n_seq = static_cast<index_t>(seqs.size()), H = Q.heads, H_kv = K.heads, group = H / H_kv;
   if (state.save == SaveForBackward::lse_only)

@@ -28,7 +28,7 @@ void attention_forward(const detail::nodeduce_t<ConstMatrixRef<T>>& Q, const det
   detail::check_forward_args<T>(fn, Q, K, V, O, options);
   detail::check_score_mask(fn, mask, Q.rows(), K.rows());
   const index_t n_q = Q.rows(), d = Q.cols(), n_k = K.rows(), d_v = V.cols();
-  const T s = static_cast<T>(detail::resolve_scale(fn, options, d));
+  const T s = static_cast<T>(detail::resolve_scale<T>(fn, options, d));
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   recorder.begin(n_q, n_k);
   std::vector<T> w(static_cast<std::size_t>(n_k));
@@ -80,7 +80,7 @@ template <class T, class ForEachWeight>
 void backward_loops(const char* fn, const sus::detail::BackwardArgs<T>& a, const AttentionOptions& o,
                     ForEachWeight for_each_weight) {
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
-  const T s = static_cast<T>(sus::detail::resolve_scale(fn, o, d));
+  const T s = static_cast<T>(sus::detail::resolve_scale<T>(fn, o, d));
   Matrix<T> dQ = Matrix<T>::Zero(n_q, d), dK = Matrix<T>::Zero(n_k, d), dV = Matrix<T>::Zero(n_k, d_v);
   for (index_t i = 0; i < n_q; ++i) {
     T D = 0;

@@ -145,9 +145,15 @@ inline index_t visible_keys(index_t i, index_t n_q, index_t n_k, const Attention
   return std::min(n_k, std::max<index_t>(0, last + 1));
 }
 
-inline double resolve_scale(const char* fn, const AttentionOptions& o, index_t d) {
+// The softmax scale the kernels use in T: options.scale must be finite, in T too (1e39 is a
+// finite double but an infinite float, and inf·0 would make NaN gradients).
+template <class T>
+double resolve_scale(const char* fn, const AttentionOptions& o, index_t d) {
   if (o.scale) {
     if (!std::isfinite(*o.scale)) fail(fn, "options.scale = ", *o.scale, " must be finite");
+    if (!std::isfinite(static_cast<T>(*o.scale)))
+      fail(fn, "options.scale = ", *o.scale, " must be finite in ", sizeof(T) == 4 ? "float" : "double",
+           " (at most ", std::numeric_limits<T>::max(), " in magnitude)");
     return *o.scale;
   }
   return 1.0 / std::sqrt(static_cast<double>(d));
