@@ -162,13 +162,14 @@ void store_grads(const BackwardArgs<T>& a, const Matrix<T>& dQ, const Matrix<T>&
   }
 }
 
-// The largest |entry| of each input of a backward, from its finiteness checks.
+// Upper bounds on every |entry| of each input of a backward (magnitude_bound), from its
+// finiteness checks.
 struct InputMagnitudes {
   double Q = 0, K = 0, V = 0, O = 0, dO = 0;
 };
 
-// Shapes, finite inputs, outputs disjoint from inputs and from each other. Returns the inputs'
-// largest entries (gradient_bound).
+// Shapes, finite inputs, outputs disjoint from inputs and from each other. Returns bounds on
+// the inputs' entries (gradient_bound).
 template <class T>
 InputMagnitudes check_backward_args(const char* fn, const BackwardArgs<T>& a, const AttentionOptions& o) {
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
@@ -183,11 +184,11 @@ InputMagnitudes check_backward_args(const char* fn, const BackwardArgs<T>& a, co
   check_shape(fn, "dV", a.dV, n_k, d_v, "n_k x d_v, like V");
   resolve_scale<T>(fn, o, d);
   InputMagnitudes m;
-  m.Q = check_finite_max(fn, "Q", a.Q);
-  m.K = check_finite_max(fn, "K", a.K);
-  m.V = check_finite_max(fn, "V", a.V);
-  m.O = check_finite_max(fn, "O", a.O);
-  m.dO = check_finite_max(fn, "dO", a.dO);
+  m.Q = check_finite_bound(fn, "Q", a.Q);
+  m.K = check_finite_bound(fn, "K", a.K);
+  m.V = check_finite_bound(fn, "V", a.V);
+  m.O = check_finite_bound(fn, "O", a.O);
+  m.dO = check_finite_bound(fn, "dO", a.dO);
   const char* in_names[] = {"Q", "K", "V", "O", "dO"};
   const ConstMatrixRef<T>* ins[] = {&a.Q, &a.K, &a.V, &a.O, &a.dO};
   const char* out_names[] = {"dQ", "dK", "dV"};
@@ -200,9 +201,9 @@ InputMagnitudes check_backward_args(const char* fn, const BackwardArgs<T>& a, co
 }
 
 // An upper bound on every |value| a backward computes (dP, D, dS, the sums, dQ, dK, dV), in
-// exact arithmetic, from the inputs' largest entries m: |dS_ij| ≤ |W̃_ij|·g with
+// exact arithmetic, from bounds m on the inputs' entries: |dS_ij| ≤ |W̃_ij|·g with
 // g = d_v·|dO|·(|V| + |O|), so |dQ_i| ≤ |s|·w_row·g·|K|, |dK_j| ≤ |s|·w_col·g·|Q| and
-// |dV_j| ≤ w_col·|dO|. w_max: the largest |W̃|; w_row, w_col: bounds on the row and column
+// |dV_j| ≤ w_col·|dO|. w_max: a bound on |W̃|; w_row, w_col: bounds on the row and column
 // sums of |W̃| (times the heads that add into one dK, dV).
 inline double gradient_bound(const InputMagnitudes& m, double s, index_t d_v, double w_max, double w_row,
                              double w_col) {
@@ -231,7 +232,7 @@ bool gradients_surely_finite(double bound, bool accumulate) {
 [[noreturn]] inline void throw_gradient_overflow(const char* fn, const char* out, const std::string& out_shape,
                                                 double s, const InputMagnitudes& m) {
   fail(fn, "output '", out, "' (", out_shape, ") is not finite (floating-point overflow; its values are ",
-       "undefined): scale ", s, ", largest |entry| of Q ", m.Q, ", K ", m.K, ", V ", m.V, ", O ", m.O, ", dO ", m.dO);
+       "undefined): scale ", s, ", norms of Q ", m.Q, ", K ", m.K, ", V ", m.V, ", O ", m.O, ", dO ", m.dO);
 }
 
 // The outputs of a single-head backward are finite, or sus::Error (after the kernel).
@@ -247,7 +248,7 @@ void check_gradients(const char* fn, const BackwardArgs<T>& a, double bound, boo
 
 // The mask of a sparse backward: shape n_q x n_k, a valid Csr, no entry a causal query
 // cannot see.
-// Returns the largest |W̃| (gradient_bound).
+// Returns a bound on every |W̃| (Csr::validate; for gradient_bound).
 template <class T>
 double check_mask(const char* fn, const Csr<T>& mask, index_t n_q, index_t n_k, const AttentionOptions& o,
                   const std::string& arg = "mask") {
@@ -894,7 +895,7 @@ void attention_backward_sparse(const BackwardArgs<T>& a, const Csr<T>& mask, con
   const double w_max = check_mask(fn, mask, a.Q.rows(), a.K.rows(), o);
   const T s = static_cast<T>(resolve_scale<T>(fn, o, a.Q.cols()));
   sparse_backward_kernel<T>(a, mask, s, o.accumulate, o.accumulate);
-  // |W̃| row sums ≤ max row nnz·w_max ≤ n_k·w_max; column sums ≤ n_q·w_max.
+  // |W̃| row sums ≤ n_k·w_max; column sums ≤ n_q·w_max.
   const double bound = gradient_bound(m, s, a.V.cols(), w_max, static_cast<double>(a.K.rows()) * w_max,
                                       static_cast<double>(a.Q.rows()) * w_max);
   check_gradients<T>(fn, a, bound, o.accumulate, s, m);

@@ -47,7 +47,8 @@ struct Csr {
 
   /// Checks every invariant above (and, when max_per_row >= 0, that no row holds more
   /// than max_per_row entries). Throws sus::Error naming the broken invariant. O(rows + nnz).
-  /// Returns the largest |value| (0 if there is none), found in the same pass.
+  /// Returns an upper bound on every |value| (their Euclidean norm; 0 if there is none), found
+  /// in the same pass.
   double validate(index_t max_per_row = -1) const {
     const char* fn = "Csr::validate";
     const std::string shp = detail::shape(rows, cols);
@@ -86,8 +87,8 @@ struct Csr {
       bad |= (c[b] < 0) | (c[e - 1] >= cols);
       if (b > 0) not_increasing -= c[b] <= c[b - 1];
     }
-    const double largest = detail::max_abs(Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(values.data(), nnz()));
-    if (!bad && not_increasing == 0 && std::isfinite(largest)) return largest;
+    const double bound = detail::magnitude_bound(Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(values.data(), nnz()));
+    if (!bad && not_increasing == 0 && std::isfinite(bound)) return bound;
     for (index_t i = 0; i < rows; ++i) {
       const index_t b = row_offsets[i], e = row_offsets[i + 1];
       for (index_t p = b; p < e; ++p) {
@@ -101,7 +102,7 @@ struct Csr {
           detail::fail(fn, "values[", p, "] (row ", i, ", col ", j, ") is not finite (", shp, ")");
       }
     }
-    return largest;  // not reached: the scan finds what the passes saw
+    return bound;  // not reached: the scan finds what the passes saw
   }
 
   /// Zero-copy Eigen sparse view (valid while this Csr is alive and unchanged).

@@ -446,7 +446,8 @@ index_t finite_checks(const NamedView<T> (&views)[N]) {
   for (const NamedView<T>& nv : views) count += nv.view->batch * nv.view->heads;
   return count;
 }
-// Returns the head's largest |entry|, and the index of its view in `views` through `which`.
+// Returns a bound on the head's entries (magnitude_bound), and the index of its view in
+// `views` through `which`.
 template <class T, std::size_t N>
 double check_finite_task(const char* fn, const NamedView<T> (&views)[N], index_t t, int* which = nullptr) {
   for (std::size_t x = 0; x < N; ++x) {
@@ -457,7 +458,7 @@ double check_finite_task(const char* fn, const NamedView<T> (&views)[N], index_t
     }
     const index_t b = t / v.heads, h = t % v.heads;
     if (which) *which = static_cast<int>(x);
-    const double largest = max_abs(v.head(b, h, 0, v.seq));
+    const double largest = magnitude_bound(v.head(b, h, 0, v.seq));
     if (!std::isfinite(largest))
       fail(fn, "argument '", views[x].name, "' has a non-finite entry in batch entry ", b, ", head ", h, " (shape ",
            view_shape(v.batch, v.seq, v.heads, v.dim), ")");
@@ -846,7 +847,7 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
   // (they read every byte); the failure reported is the first in this order.
   const int threads = resolve_threads(options.num_threads);
   const NamedView<T> inputs[] = {{"Q", &Q}, {"K", &K}, {"V", &V}, {"O", &O}, {"dO", &dO}};
-  // Each task's largest |entry| (W̃ of its mask, or of its input head), for gradient_bound.
+  // Each task's bound on its entries (W̃ of its mask, or of its input head), for gradient_bound.
   std::vector<double> largest(static_cast<std::size_t>(n_seq * H + finite_checks(inputs)), 0.0);
   std::vector<int> view_of(largest.size(), -1);
   parallel_for(n_seq * H + finite_checks(inputs), threads, [&](index_t t, int) {
@@ -867,8 +868,8 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
     }
   });
 
-  // gradient_bound over every head: the inputs' largest entries, and |W̃| sums bounded by the
-  // longest sequence times the largest |W̃| (the group's heads all add into one dK, dV).
+  // gradient_bound over every head: the inputs' bounds, and |W̃| sums bounded by the longest
+  // sequence times the bound on |W̃| (the group's heads all add into one dK, dV).
   InputMagnitudes m;
   double w_max = sparse ? 0 : 1 + row_sum_tolerance<T>();
   double* by_view[] = {&m.Q, &m.K, &m.V, &m.O, &m.dO};

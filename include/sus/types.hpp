@@ -4,10 +4,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <optional>
-#include <type_traits>
 
 #include <Eigen/Core>
 
@@ -183,27 +181,33 @@ bool all_finite(const M& m) {
 }
 
 // The largest |entry| of a row-major matrix (0 if empty): NaN if an entry is NaN, inf if one
-// is ±inf and none is NaN. On the bits: without the sign bit, IEEE values order like unsigned
-// integers (finite < inf < NaN), and an integer max vectorises with no NaN special case.
+// is ±inf and none is NaN. A scalar loop: magnitude_bound is the fast path.
 template <class M>
 double max_abs(const M& m) {
-  using T = typename M::Scalar;
-  using U = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
-  static_assert(sizeof(T) == sizeof(U), "max_abs: float or double");
-  constexpr U magnitude = ~U(0) >> 1;
-  U top = 0;
-  for (index_t i = 0; i < m.rows(); ++i) {
-    const T* x = m.row(i).data();
+  double top = 0;
+  for (index_t i = 0; i < m.rows(); ++i)
     for (index_t j = 0; j < m.cols(); ++j) {
-      U b;
-      std::memcpy(&b, x + j, sizeof b);
-      b &= magnitude;
-      top = b > top ? b : top;
+      const double a = std::abs(static_cast<double>(m(i, j)));
+      if (std::isnan(a)) return a;
+      top = std::max(top, a);
     }
+  return top;
+}
+
+// An upper bound on every |entry| of a row-major matrix: its Frobenius norm, in one vectorised
+// pass like all_finite (a sum of squares is NaN or inf when an entry is). Not finite also when
+// the squares overflow T (entries beyond ~sqrt(T's largest / size)): then max_abs, exactly.
+template <class M>
+double magnitude_bound(const M& m) {
+  using T = typename M::Scalar;
+  T squares = T(0);
+  if (m.rows() <= 1 || m.outerStride() == m.cols()) {
+    squares = m.array().square().sum();
+  } else {
+    for (index_t i = 0; i < m.rows(); ++i) squares += m.row(i).array().square().sum();
   }
-  T out;
-  std::memcpy(&out, &top, sizeof out);
-  return static_cast<double>(out);
+  const double bound = std::sqrt(static_cast<double>(squares));
+  return std::isfinite(bound) ? bound : max_abs(m);
 }
 
 template <class M>
@@ -218,12 +222,13 @@ void check_finite(const char* fn, const char* arg, const M& m) {
   }
 }
 
-// check_finite that also returns max_abs(m), in one pass over m when every entry is finite.
+// check_finite that also returns magnitude_bound(m), in the same one pass when every entry is
+// finite.
 template <class M>
-double check_finite_max(const char* fn, const char* arg, const M& m) {
-  const double a = max_abs(m);
-  if (!std::isfinite(a)) check_finite(fn, arg, m);  // names the entry
-  return a;
+double check_finite_bound(const char* fn, const char* arg, const M& m) {
+  const double bound = magnitude_bound(m);
+  if (!std::isfinite(bound)) check_finite(fn, arg, m);  // names the entry
+  return bound;
 }
 
 // A row-major matrix in memory, in bytes: `rows` runs of `width` bytes, `stride` bytes apart,
