@@ -1,0 +1,240 @@
+// Fuzz target (a): a Csr mask from arbitrary bytes -> Csr::validate -> the sparse backward.
+//
+// The mask is built mostly valid (rows of increasing columns) and then mutated (any rows,
+// cols, offsets, columns, values, vector lengths, edge values such as 2^63 − 1 included).
+// Invariants:
+//   - Csr::validate accepts exactly the masks a plain reference check accepts, and rejects
+//     the others with a sus::Error;
+//   - attention_backward_sparse accepts only valid arguments (shapes, a valid mask that
+//     respects the causal limit, finite inputs and scale), rejecting the rest with a
+//     sus::Error; when it accepts, dQ, dK, dV are finite and nothing outside them is written
+//     (exact-size inputs; outputs with sentinel pad columns, exact-size allocations);
+//   - the key-blocked and split kernels give the same values for any block size (the same
+//     bits up to the sign of zero).
+//
+// Input: [flags] [n_q] [n_k] [d] [d_v] [scale: 1 or 9] [pad] [rows...] [mutations...]
+//        [max_per_row] [block sizes: 2] then matrix elements.
+#include "fuzz_common.hpp"
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace {
+
+using namespace sus_fuzz;
+
+// Head dims: small ones, and the 64 and 128 of the register kernels.
+index_t head_dim(Reader& r) {
+  const index_t dims[] = {1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 64, 128, 0, 6, 33, 1};
+  return dims[r.byte() % 16];
+}
+
+// The reference for Csr::validate: every invariant, overflow-safe, in the plainest form.
+template <class T>
+bool csr_valid(const sus::Csr<T>& m, index_t max_per_row) {
+  if (m.rows < 0 || m.cols < 0) return false;
+  if (static_cast<std::uint64_t>(m.row_offsets.size()) != static_cast<std::uint64_t>(m.rows) + 1) return false;
+  if (m.col_indices.size() != m.values.size()) return false;
+  const index_t nnz = static_cast<index_t>(m.col_indices.size());
+  if (m.row_offsets[0] != 0 || m.row_offsets.back() != nnz) return false;
+  for (index_t i = 0; i < m.rows; ++i) {
+    const index_t b = m.row_offsets[i], e = m.row_offsets[i + 1];
+    if (e < b || e > nnz) return false;
+    if (max_per_row >= 0 && e - b > max_per_row) return false;
+    for (index_t p = b; p < e; ++p) {
+      const index_t j = m.col_indices[p];
+      if (j < 0 || j >= m.cols || (p > b && j <= m.col_indices[p - 1])) return false;
+      if (!std::isfinite(static_cast<double>(m.values[p]))) return false;
+    }
+  }
+  return true;
+}
+
+// A mask of n_q rows, mostly valid: each row a run of increasing columns below its limit
+// (n_k, or the causal one), any column from a raw byte; then up to three mutations.
+template <class T>
+sus::Csr<T> decode_mask(Reader& r, index_t n_q, index_t n_k, const sus::AttentionOptions& o) {
+  sus::Csr<T> m;
+  m.rows = n_q;
+  m.cols = n_k;
+  m.row_offsets.assign(static_cast<std::size_t>(n_q + 1), 0);
+  for (index_t i = 0; i < n_q; ++i) {
+    const index_t count = r.small(12), limit = sus::detail::visible_keys(i, n_q, n_k, o);
+    index_t j = -1;
+    for (index_t t = 0; t < count; ++t) {
+      const std::uint8_t s = r.byte();
+      if (s >= 0xF0) {
+        j = r.wide(n_k);  // anything: out of range, repeated, decreasing
+      } else {
+        j = std::min(std::max<index_t>(j, -1), limit) + 1 + s % 4;  // after a raw column too
+        if (j >= limit) break;
+      }
+      m.col_indices.push_back(j);
+      m.values.push_back(r.value<T>());
+    }
+    m.row_offsets[i + 1] = static_cast<index_t>(m.col_indices.size());
+  }
+  const index_t mutations = r.small(3);
+  for (index_t t = 0; t < mutations; ++t) {
+    const index_t nnz = static_cast<index_t>(m.col_indices.size());
+    const std::uint8_t kind = r.byte();
+    switch (kind % 10) {
+      case 0: m.rows = r.wide(n_q); break;
+      case 1: m.cols = r.wide(n_k); break;
+      case 2:
+        if (!m.row_offsets.empty()) m.row_offsets[r.small(static_cast<index_t>(m.row_offsets.size()) - 1)] = r.wide(nnz);
+        break;
+      case 3:
+        if (!m.row_offsets.empty()) m.row_offsets.pop_back();
+        break;
+      case 4: m.row_offsets.push_back(r.wide(nnz)); break;
+      case 5: m.col_indices.push_back(r.wide(n_k)); break;
+      case 6: m.values.push_back(r.value<T>()); break;
+      case 7:
+        if (kind & 16) {
+          if (!m.values.empty()) m.values.pop_back();
+        } else if (!m.col_indices.empty()) {
+          m.col_indices.pop_back();
+        }
+        break;
+      case 8:
+        if (nnz > 0) m.col_indices[r.small(nnz - 1)] = r.wide(n_k);
+        break;
+      default:
+        if (!m.values.empty()) m.values[r.small(static_cast<index_t>(m.values.size()) - 1)] = r.value<T>();
+        break;
+    }
+  }
+  return m;
+}
+
+// An exact-size matrix (ASan catches any read past it) of decoded elements.
+template <class T>
+sus::Matrix<T> decode_matrix(Reader& r, index_t rows, index_t cols) {
+  sus::Matrix<T> m(rows, cols);
+  for (index_t k = 0; k < m.size(); ++k) m.data()[k] = r.element<T>();
+  return m;
+}
+
+template <class T>
+bool all_finite(const sus::Matrix<T>& m) {
+  return sus_fuzz::all_finite(m.data(), static_cast<std::size_t>(m.size()));
+}
+
+// Whether every entry of a valid n_q x n_k mask lies where a causal query may look.
+template <class T>
+bool respects_causal(const sus::Csr<T>& m, const sus::AttentionOptions& o) {
+  if (!o.causal) return true;
+  for (index_t i = 0; i < m.rows; ++i)
+    if (m.row_nnz(i) > 0 && m.col_indices[m.row_offsets[i + 1] - 1] >= sus::detail::visible_keys(i, m.rows, m.cols, o))
+      return false;
+  return true;
+}
+
+template <class T>
+void run(Reader& r, std::uint8_t flags) {
+  const index_t n_q = r.small(40), n_k = r.small(40), d = head_dim(r), d_v = head_dim(r);
+  sus::AttentionOptions o;
+  o.causal = flags & 2;
+  o.alignment = flags & 4 ? sus::CausalAlignment::bottom_right : sus::CausalAlignment::top_left;
+  o.accumulate = flags & 8;
+  if (flags & 16) {
+    const std::uint8_t b = r.byte();
+    o.scale = b < 0xC0 ? (b - 96) / 16.0 : r.value<double>();  // moderate, or anything
+  }
+  const index_t pad = flags & 32 ? 1 + r.small(3) : 0;
+  const sus::Csr<T> mask = decode_mask<T>(r, n_q, n_k, o);
+
+#if SUS_FUZZ_SKIP_KNOWN  // defect 5: Csr::validate computes rows + 1, signed overflow
+  if (mask.rows == std::numeric_limits<index_t>::max()) return;
+#endif
+  // Csr::validate against the reference, with and without a row limit.
+  const std::uint8_t limit_byte = r.byte();
+  const index_t max_per_row = limit_byte < 0x80 ? -1 : limit_byte % 16;
+  for (const index_t limit : {index_t{-1}, max_per_row}) {
+    const bool expected = csr_valid(mask, limit);
+    try {
+      mask.validate(limit);
+      FUZZ_CHECK(expected, "Csr::validate(", limit, ") accepted an invalid ", mask.rows, "x", mask.cols, " mask (",
+                 mask.row_offsets.size(), " offsets, ", mask.col_indices.size(), " columns, ", mask.values.size(),
+                 " values)");
+    } catch (const sus::Error& e) {
+      FUZZ_CHECK(!expected, "Csr::validate(", limit, ") rejected a valid mask: ", e.what());
+    }
+  }
+
+#if SUS_FUZZ_SKIP_KNOWN  // defect 5: the split kernel offsets a null workspace when it needs none
+  if (n_k == 0) return;
+#endif
+  const index_t block_keys = 1 + r.small(40), range_keys = 1 + r.small(40);
+  const sus::Matrix<T> Q = decode_matrix<T>(r, n_q, d), K = decode_matrix<T>(r, n_k, d),
+                       V = decode_matrix<T>(r, n_k, d_v), O = decode_matrix<T>(r, n_q, d_v),
+                       dO = decode_matrix<T>(r, n_q, d_v);
+  GuardedMatrix<T> dQ(n_q, d, pad), dK(n_k, d, pad), dV(n_k, d_v, pad);
+  for (GuardedMatrix<T>* g : {&dQ, &dK, &dV}) {
+    // Accumulating: a finite start; overwriting: NaN, so that an element left unwritten shows.
+    if (o.accumulate) {
+      for (std::size_t k = 0; k < g->buf.size(); ++k)
+        if (g->inside(k)) g->buf[k] = r.element<T>();
+    } else {
+      g->fill(std::numeric_limits<T>::quiet_NaN());
+    }
+  }
+  const GuardedMatrix<T> dQ0 = dQ, dK0 = dK, dV0 = dV;
+  auto dQm = dQ.map();
+  auto dKm = dK.map();
+  auto dVm = dV.map();
+  try {
+    sus::attention_backward_sparse(Q, K, V, O, dO, mask, dQm, dKm, dVm, o);
+  } catch (const sus::Error&) {
+    return;
+  }
+  const bool scale_ok = !o.scale || std::isfinite(*o.scale);
+  FUZZ_CHECK(d >= 1 && d_v >= 1 && scale_ok, "attention_backward_sparse accepted d = ", d, ", d_v = ", d_v,
+             ", scale = ", o.scale ? *o.scale : 0.0);
+  FUZZ_CHECK(mask.rows == n_q && mask.cols == n_k && csr_valid(mask, -1) && respects_causal(mask, o),
+             "attention_backward_sparse accepted an invalid or misshapen mask (", mask.rows, "x", mask.cols, " for ", n_q,
+             "x", n_k, ")");
+  FUZZ_CHECK(all_finite(Q) && all_finite(K) && all_finite(V) && all_finite(O) && all_finite(dO),
+             "attention_backward_sparse accepted a non-finite input");
+  bool require_finite = true;
+#if SUS_FUZZ_SKIP_KNOWN  // defect 4: no check that the gradients are finite
+  require_finite = dQ.finite() && dK.finite() && dV.finite();
+  if (!require_finite) return;
+#endif
+  dQ.check("dQ", require_finite);
+  dK.check("dK", require_finite);
+  dV.check("dV", require_finite);
+
+  // The key-blocked and split kernels, any block size: the same values (bits, up to the sign
+  // of zero).
+  const T s = static_cast<T>(sus::detail::resolve_scale("fuzz_csr", o, d));
+  const sus::ConstMatrixRef<T> Qr(Q), Kr(K), Vr(V), Or(O), dOr(dO);
+  for (int variant = 0; variant < 2; ++variant) {
+    GuardedMatrix<T> dQ2 = dQ0, dK2 = dK0, dV2 = dV0;
+    auto dQ2m = dQ2.map();
+    auto dK2m = dK2.map();
+    auto dV2m = dV2.map();
+    sus::MatrixRef<T> dQ2r(dQ2m), dK2r(dK2m), dV2r(dV2m);
+    const sus::detail::BackwardArgs<T> a{Qr, Kr, Vr, Or, dOr, dQ2r, dK2r, dV2r};
+    if (variant == 0) sus::detail::sparse_backward_blocked<T>(a, mask, s, o.accumulate, o.accumulate, block_keys);
+    else sus::detail::sparse_backward_split<T>(a, mask, s, o.accumulate, o.accumulate, range_keys);
+    const char* name = variant == 0 ? "sparse_backward_blocked" : "sparse_backward_split";
+    const index_t keys = variant == 0 ? block_keys : range_keys;
+    FUZZ_CHECK(same_values(dQ2.buf, dQ.buf), name, " (", keys, " keys) and attention_backward_sparse differ in dQ");
+    FUZZ_CHECK(same_values(dK2.buf, dK.buf), name, " (", keys, " keys) and attention_backward_sparse differ in dK");
+    FUZZ_CHECK(same_values(dV2.buf, dV.buf), name, " (", keys, " keys) and attention_backward_sparse differ in dV");
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  Reader r(data, size);
+  const std::uint8_t flags = r.byte();
+  if (flags & 1) run<double>(r, flags);
+  else run<float>(r, flags);
+  return 0;
+}
