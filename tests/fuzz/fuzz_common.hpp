@@ -2,7 +2,8 @@
 // checks that abort with a message, and output buffers with sentinel guard regions.
 //
 // Input format (the seed generator tests/fuzz/make_corpus.py writes the same): bytes are read
-// front to back, little-endian; past the end every read gives 0, so every input decodes.
+// front to back, little-endian; past the end every read gives 0, so every input decodes. The
+// targets read one field per statement (in `a[i] = f()` C++17 evaluates f() first).
 #pragma once
 
 #include <sus/sus.hpp>
@@ -11,6 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -131,14 +133,29 @@ bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
+// The first position where two buffers hold different values (as same_values below), or the
+// shorter one's size.
+template <class T>
+std::size_t first_difference(const std::vector<T>& a, const std::vector<T>& b) {
+  const std::size_t n = std::min(a.size(), b.size());
+  for (std::size_t k = 0; k < n; ++k)
+    if (!(a[k] == b[k]) && std::memcmp(&a[k], &b[k], sizeof(T)) != 0) return k;
+  return n;
+}
+// A message naming where two buffers differ: "dK[12]: 0.5 vs 0.25".
+template <class T>
+std::string difference(const char* name, const std::vector<T>& a, const std::vector<T>& b) {
+  const std::size_t k = first_difference(a, b);
+  if (k == a.size() && k == b.size()) return "";
+  if (k == a.size() || k == b.size()) return sus::detail::concat(name, ": sizes ", a.size(), " vs ", b.size(), "; ");
+  return sus::detail::concat(name, "[", k, "]: ", a[k], " vs ", b[k], "; ");
+}
+
 // Whether two buffers hold the same values: the same bits, or −0 and +0 (a row with no kept
 // entry is s·0, −0 for a negative scale, in one kernel and a plain zero in another).
 template <class T>
 bool same_values(const std::vector<T>& a, const std::vector<T>& b) {
-  if (a.size() != b.size()) return false;
-  for (std::size_t k = 0; k < a.size(); ++k)
-    if (!(a[k] == b[k]) && std::memcmp(&a[k], &b[k], sizeof(T)) != 0) return false;
-  return true;
+  return first_difference(a, b) == a.size() && a.size() == b.size();
 }
 
 // The value that guard regions hold: a NaN with a payload no arithmetic produces, compared

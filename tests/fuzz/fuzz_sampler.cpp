@@ -46,7 +46,10 @@ void decode_row(Reader& r, T* w, index_t n) {
     }
     case 3: {  // k non-zero weights at input-chosen positions, the rest zero
       const index_t k = 1 + r.small(40);
-      for (index_t t = 0; t < k && n > 0; ++t) x[r.small(std::min<index_t>(n - 1, 65535))] += 1 + r.small(15);
+      for (index_t t = 0; t < k && n > 0; ++t) {
+        const index_t at = r.small(std::min<index_t>(n - 1, 65535));
+        x[at] += 1 + r.small(15);
+      }
       break;
     }
     case 4: {  // denormals everywhere but a few normal weights (waterfill's water level)
@@ -78,7 +81,10 @@ void decode_row(Reader& r, T* w, index_t n) {
   // Disturbance: one entry set to a decoded value (specials included), or the row scaled by
   // 1 + δ around the row-sum tolerance.
   const std::uint8_t p = r.byte();
-  if (n > 0 && p % 4 == 1) w[r.small(std::min<index_t>(n - 1, 65535))] = r.value<T>();
+  if (n > 0 && p % 4 == 1) {
+    const index_t at = r.small(std::min<index_t>(n - 1, 65535));
+    w[at] = r.value<T>();
+  }
   if (p % 4 == 2) {
     const double tol = sus::row_sum_tolerance<T>();
     const double deltas[] = {tol / 2, -tol / 2, tol * 2, -tol * 2, 1e-7, -1e-7, tol * 0.999, tol * 1.001};

@@ -228,6 +228,26 @@ def csr_seed(n_q, n_k, d=4, d_v=4, double=False, causal=False, bottom_right=Fals
     return s
 
 
+def csr_multihead_seed(n_q, n_k, B, H_kv, group, d=4, d_v=4, double=False, causal=False, accumulate=False,
+                       width=2, scale=None):
+    """Flag 64: B x H masks (bands) for the multi-head backward."""
+    flags = 64 | (1 if double else 0) | (2 if causal else 0) | (8 if accumulate else 0) | (16 if scale else 0)
+    s = Seed().byte(flags).small(n_q, 40).small(n_k, 40).byte(CSR_DIMS.index(d)).byte(CSR_DIMS.index(d_v))
+    if scale:
+        s.byte(round(scale * 16) + 96)
+    s.small(B - 1, 1).small(H_kv - 1, 1).small(group - 1, 1)
+    for k in range(B * H_kv * group):
+        rows = band(n_q, n_k, width + k % 2, (lambda i: i + 1) if causal else None)
+        for entries in rows:
+            s.small(len(entries), 12)
+            prev = -1
+            for (j, v) in entries:
+                s.byte(j - prev - 1).value(v)
+                prev = j
+        s.small(0, 3)
+    return s
+
+
 def band(n_q, n_k, width, causal_limit=None):
     rows = []
     for i in range(n_q):
@@ -275,6 +295,10 @@ def make_csr():
     write(t, "column-negative", csr_seed(3, 3, rows=band(3, 3, 1), mutations=[[8, 1, 0xF0]]))
     write(t, "duplicate-column", csr_seed(2, 5, rows=[[(1, 1.0), (2, 1.0)], []], mutations=[[8, 1, 1]]))
     write(t, "value-inf", csr_seed(3, 3, rows=band(3, 3, 1), mutations=[[9, 0, 0xE1]]))
+    write(t, "multihead-b2-gqa", csr_multihead_seed(6, 7, 2, 2, 2))
+    write(t, "multihead-causal-accumulate", csr_multihead_seed(8, 8, 1, 1, 2, causal=True, accumulate=True,
+                                                               double=True, d=16, d_v=8))
+    write(t, "multihead-d64", csr_multihead_seed(5, 9, 2, 1, 1, d=64, d_v=64, scale=-1.5))
     write(t, "values-short", csr_seed(3, 3, rows=band(3, 3, 1), mutations=[[87]]))
 
 
