@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -89,11 +91,27 @@ void check_grads_close(const A& got, const B& ref, double tol) {
 
 // The message of the sus::Error thrown by f, or a marker that makes every matcher of a
 // message fail.
+// With SUS_BAD_INPUT_LOG set, every sus::Error message is appended to that file, one per line:
+// scripts/bad-input-table turns them into the table of tested bad-input classes in
+// docs/bad-inputs.md, and scripts/test checks that the table is the tests' own.
+inline void log_bad_input(const std::string& message) {
+  const char* path = std::getenv("SUS_BAD_INPUT_LOG");
+  if (path == nullptr || *path == '\0') return;
+  std::string line = message;
+  std::replace(line.begin(), line.end(), '\n', ' ');
+  line += '\n';
+  if (std::FILE* f = std::fopen(path, "a")) {  // one write of a short line: whole under O_APPEND
+    std::fwrite(line.data(), 1, line.size(), f);
+    std::fclose(f);
+  }
+}
+
 template <class F>
 std::string error_message(F&& f) {
   try {
     f();
   } catch (const sus::Error& e) {
+    log_bad_input(e.what());
     return e.what();
   } catch (const std::exception& e) {
     return std::string("<threw a std::exception that is not sus::Error> ") + e.what();

@@ -9,8 +9,10 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <string>
 #include <type_traits>
@@ -178,8 +180,15 @@ void store_grads(const BackwardArgs<T>& a, const Matrix<T>& dQ, const Matrix<T>&
   }
 }
 
+// The largest |entry| of each input of a backward, from its finiteness checks.
+struct InputMagnitudes {
+  double Q = 0, K = 0, V = 0, O = 0, dO = 0;
+};
+
+// Shapes, finite inputs, outputs disjoint from inputs and from each other. Returns the inputs'
+// largest entries (gradient_bound).
 template <class T>
-void check_backward_args(const char* fn, const BackwardArgs<T>& a, const AttentionOptions& o) {
+InputMagnitudes check_backward_args(const char* fn, const BackwardArgs<T>& a, const AttentionOptions& o) {
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
   if (d < 1) fail(fn, "argument 'Q' has shape ", shape(n_q, d), ": head dim d must be >= 1");
   if (d_v < 1) fail(fn, "argument 'V' has shape ", shape(a.V.rows(), d_v), ": value dim d_v must be >= 1");
@@ -191,11 +200,12 @@ void check_backward_args(const char* fn, const BackwardArgs<T>& a, const Attenti
   check_shape(fn, "dK", a.dK, n_k, d, "n_k x d, like K");
   check_shape(fn, "dV", a.dV, n_k, d_v, "n_k x d_v, like V");
   resolve_scale(fn, o, d);
-  check_finite(fn, "Q", a.Q);
-  check_finite(fn, "K", a.K);
-  check_finite(fn, "V", a.V);
-  check_finite(fn, "O", a.O);
-  check_finite(fn, "dO", a.dO);
+  InputMagnitudes m;
+  m.Q = check_finite_max(fn, "Q", a.Q);
+  m.K = check_finite_max(fn, "K", a.K);
+  m.V = check_finite_max(fn, "V", a.V);
+  m.O = check_finite_max(fn, "O", a.O);
+  m.dO = check_finite_max(fn, "dO", a.dO);
   const char* in_names[] = {"Q", "K", "V", "O", "dO"};
   const ConstMatrixRef<T>* ins[] = {&a.Q, &a.K, &a.V, &a.O, &a.dO};
   const char* out_names[] = {"dQ", "dK", "dV"};
@@ -204,18 +214,67 @@ void check_backward_args(const char* fn, const BackwardArgs<T>& a, const Attenti
     for (int y = 0; y < 5; ++y) check_no_overlap(fn, out_names[x], *outs[x], in_names[y], *ins[y]);
     for (int y = x + 1; y < 3; ++y) check_no_overlap(fn, out_names[x], *outs[x], out_names[y], *outs[y]);
   }
+  return m;
+}
+
+// An upper bound on every |value| a backward computes (dP, D, dS, the sums, dQ, dK, dV), in
+// exact arithmetic, from the inputs' largest entries m: |dS_ij| ≤ |W̃_ij|·g with
+// g = d_v·|dO|·(|V| + |O|), so |dQ_i| ≤ |s|·w_row·g·|K|, |dK_j| ≤ |s|·w_col·g·|Q| and
+// |dV_j| ≤ w_col·|dO|. w_max: the largest |W̃|; w_row, w_col: bounds on the row and column
+// sums of |W̃| (times the heads that add into one dK, dV).
+inline double gradient_bound(const InputMagnitudes& m, double s, index_t d_v, double w_max, double w_row,
+                             double w_col) {
+  const double g = static_cast<double>(d_v) * m.dO * (m.V + m.O);
+  const double acc = w_row * g * m.K, gk = w_col * g * m.Q, gv = w_col * m.dO;
+  return std::max({g, w_max * g, acc, std::abs(s) * acc, gk, std::abs(s) * gk, gv});
+}
+
+// gradient_bound for recorded softmax weights (checked: entries ≥ 0, rows summing to 1 within
+// row_sum_tolerance), `heads` of them adding into one dK, dV.
+template <class T>
+double dense_gradient_bound(const InputMagnitudes& m, double s, index_t n_q, index_t d_v, index_t heads) {
+  const double w = 1 + row_sum_tolerance<T>();
+  return gradient_bound(m, s, d_v, w, w, static_cast<double>(n_q) * static_cast<double>(heads) * w);
+}
+
+// Whether the bound leaves room for rounding (n·ε relative) below T's largest value: then
+// every output is finite and needs no look. Otherwise, and when adding into the caller's
+// outputs, the caller checks them after the kernel (the bound fails only for extreme inputs,
+// such as a scale near T's largest value).
+template <class T>
+bool gradients_surely_finite(double bound, bool accumulate) {
+  return !accumulate && bound < static_cast<double>(std::numeric_limits<T>::max()) / 4;
+}
+
+[[noreturn]] inline void throw_gradient_overflow(const char* fn, const char* out, const std::string& out_shape,
+                                                double s, const InputMagnitudes& m) {
+  fail(fn, "output '", out, "' (", out_shape, ") is not finite (floating-point overflow; its values are ",
+       "undefined): scale ", s, ", largest |entry| of Q ", m.Q, ", K ", m.K, ", V ", m.V, ", O ", m.O, ", dO ", m.dO);
+}
+
+// The outputs of a single-head backward are finite, or sus::Error (after the kernel).
+template <class T>
+void check_gradients(const char* fn, const BackwardArgs<T>& a, double bound, bool accumulate, double s,
+                     const InputMagnitudes& m) {
+  if (gradients_surely_finite<T>(bound, accumulate)) return;
+  const char* names[] = {"dQ", "dK", "dV"};
+  const MatrixRef<T>* outs[] = {&a.dQ, &a.dK, &a.dV};
+  for (int x = 0; x < 3; ++x)
+    if (!all_finite(*outs[x])) throw_gradient_overflow(fn, names[x], shape(outs[x]->rows(), outs[x]->cols()), s, m);
 }
 
 // The mask of a sparse backward: shape n_q x n_k, a valid Csr, no entry a causal query
 // cannot see.
+// Returns the largest |W̃| (gradient_bound).
 template <class T>
-void check_mask(const char* fn, const Csr<T>& mask, index_t n_q, index_t n_k, const AttentionOptions& o,
-                const std::string& arg = "mask") {
+double check_mask(const char* fn, const Csr<T>& mask, index_t n_q, index_t n_k, const AttentionOptions& o,
+                  const std::string& arg = "mask") {
   if (mask.rows != n_q || mask.cols != n_k)
     fail(fn, "argument '", arg, "' has shape ", shape(mask.rows, mask.cols), ", expected ", shape(n_q, n_k),
          " (n_q x n_k)");
+  double largest = 0;
   try {
-    mask.validate();
+    largest = mask.validate();
   } catch (const Error& e) {
     fail(fn, "argument '", arg, "' is not a valid Csr: ", e.what());
   }
@@ -225,6 +284,7 @@ void check_mask(const char* fn, const Csr<T>& mask, index_t n_q, index_t n_k, co
         fail(fn, "argument '", arg, "' (", shape(n_q, n_k), ") has entry (", i, ", ",
              mask.col_indices[mask.row_offsets[i + 1] - 1], ") above the diagonal but options.causal is set (",
              to_string(o.alignment), ")");
+  return largest;
 }
 
 // Recorded weights of a dense backward: shape n_q x n_k, softmax rows, zero where a causal
@@ -281,8 +341,10 @@ class ThreadWorkspace {
   ThreadWorkspace(const ThreadWorkspace&) = delete;
   ThreadWorkspace& operator=(const ThreadWorkspace&) = delete;
   ~ThreadWorkspace() { release(); }
+  // Never null, even for 0 bytes: callers offset into it.
   void* get(std::size_t bytes) {
-    if (bytes <= capacity_) return data_;
+    if (bytes <= capacity_ && data_ != nullptr) return data_;
+    bytes = std::max<std::size_t>(bytes, 64);
     release();
 #if defined(__linux__)
     constexpr std::size_t huge_page = std::size_t(2) << 20;
@@ -851,10 +913,14 @@ void sparse_backward_blocked(const BackwardArgs<T>& a, const Csr<T>& mask, T s, 
 template <class T>
 void attention_backward_sparse(const BackwardArgs<T>& a, const Csr<T>& mask, const AttentionOptions& o) {
   constexpr const char* fn = "attention_backward_sparse";
-  check_backward_args(fn, a, o);
-  check_mask(fn, mask, a.Q.rows(), a.K.rows(), o);
+  const InputMagnitudes m = check_backward_args(fn, a, o);
+  const double w_max = check_mask(fn, mask, a.Q.rows(), a.K.rows(), o);
   const T s = static_cast<T>(resolve_scale(fn, o, a.Q.cols()));
   sparse_backward_kernel<T>(a, mask, s, o.accumulate, o.accumulate);
+  // |W̃| row sums ≤ max row nnz·w_max ≤ n_k·w_max; column sums ≤ n_q·w_max.
+  const double bound = gradient_bound(m, s, a.V.cols(), w_max, static_cast<double>(a.K.rows()) * w_max,
+                                      static_cast<double>(a.Q.rows()) * w_max);
+  check_gradients<T>(fn, a, bound, o.accumulate, s, m);
 }
 
 // The tiled GEMM backward (arguments checked by the caller): per group of row_group blocks
@@ -910,10 +976,11 @@ void dense_backward_kernel(const BackwardArgs<T>& a, const ConstMatrixRef<T>& W,
 template <class T>
 void attention_backward_dense(const BackwardArgs<T>& a, const ConstMatrixRef<T>& W, const AttentionOptions& o) {
   constexpr const char* fn = "attention_backward_dense";
-  check_backward_args(fn, a, o);
+  const InputMagnitudes m = check_backward_args(fn, a, o);
   check_dense_weights(fn, a, W, o);
   const T s = static_cast<T>(resolve_scale(fn, o, a.Q.cols()));
   dense_backward_kernel<T>(a, W, s, o, o.accumulate, o.accumulate);
+  check_gradients<T>(fn, a, dense_gradient_bound<T>(m, s, a.Q.rows(), a.V.cols(), 1), o.accumulate, s, m);
 }
 
 }  // namespace detail

@@ -35,9 +35,7 @@ struct Csr {
 
   Csr() = default;
   /// An empty (all-zero) rows x cols matrix.
-  Csr(index_t rows_, index_t cols_) : rows(rows_), cols(cols_), row_offsets(static_cast<std::size_t>(rows_ < 0 ? 1 : rows_ + 1), 0) {
-    if (rows_ < 0 || cols_ < 0) detail::fail("Csr", "negative shape ", detail::shape(rows_, cols_));
-  }
+  Csr(index_t rows_, index_t cols_) : rows(rows_), cols(cols_), row_offsets(offsets_for(rows_, cols_), 0) {}
 
   index_t nnz() const { return static_cast<index_t>(col_indices.size()); }
   index_t row_nnz(index_t i) const { return row_offsets[i + 1] - row_offsets[i]; }
@@ -49,13 +47,14 @@ struct Csr {
 
   /// Checks every invariant above (and, when max_per_row >= 0, that no row holds more
   /// than max_per_row entries). Throws sus::Error naming the broken invariant. O(rows + nnz).
-  void validate(index_t max_per_row = -1) const {
+  /// Returns the largest |value| (0 if there is none), found in the same pass.
+  double validate(index_t max_per_row = -1) const {
     const char* fn = "Csr::validate";
     const std::string shp = detail::shape(rows, cols);
     if (rows < 0 || cols < 0) detail::fail(fn, "negative shape ", shp);
-    if (static_cast<index_t>(row_offsets.size()) != rows + 1)
-      detail::fail(fn, "row_offsets has ", row_offsets.size(), " entries, expected rows + 1 = ", rows + 1,
-                   " for a ", shp, " matrix");
+    if (row_offsets.empty() || static_cast<index_t>(row_offsets.size() - 1) != rows)
+      detail::fail(fn, "row_offsets has ", row_offsets.size(), " entries, expected rows + 1 = ",
+                   static_cast<std::uint64_t>(rows) + 1, " for a ", shp, " matrix");
     if (row_offsets[0] != 0) detail::fail(fn, "row_offsets[0] = ", row_offsets[0], ", expected 0 (", shp, ")");
     if (col_indices.size() != values.size())
       detail::fail(fn, "col_indices has ", col_indices.size(), " entries but values has ", values.size(), " (", shp, ")");
@@ -87,9 +86,8 @@ struct Csr {
       bad |= (c[b] < 0) | (c[e - 1] >= cols);
       if (b > 0) not_increasing -= c[b] <= c[b - 1];
     }
-    if (!bad && not_increasing == 0 &&
-        detail::all_finite(Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(values.data(), nnz())))
-      return;
+    const double largest = detail::max_abs(Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(values.data(), nnz()));
+    if (!bad && not_increasing == 0 && std::isfinite(largest)) return largest;
     for (index_t i = 0; i < rows; ++i) {
       const index_t b = row_offsets[i], e = row_offsets[i + 1];
       for (index_t p = b; p < e; ++p) {
@@ -103,6 +101,7 @@ struct Csr {
           detail::fail(fn, "values[", p, "] (row ", i, ", col ", j, ") is not finite (", shp, ")");
       }
     }
+    return largest;  // not reached: the scan finds what the passes saw
   }
 
   /// Zero-copy Eigen sparse view (valid while this Csr is alive and unchanged).
@@ -132,6 +131,15 @@ struct Csr {
     for (index_t i = 0; i < rows; ++i)
       for (index_t p = row_offsets[i]; p < row_offsets[i + 1]; ++p) d(i, col_indices[p]) = values[p];
     return d;
+  }
+
+ private:
+  // rows + 1 offsets; checks the shape first (rows + 1 must not overflow, nor the allocation).
+  static std::size_t offsets_for(index_t rows_, index_t cols_) {
+    if (rows_ < 0 || cols_ < 0) detail::fail("Csr", "negative shape ", detail::shape(rows_, cols_));
+    if (static_cast<std::uint64_t>(rows_) >= std::vector<index_t>().max_size())
+      detail::fail("Csr", "shape ", detail::shape(rows_, cols_), " has more rows than a vector of offsets can hold");
+    return static_cast<std::size_t>(rows_) + 1;
   }
 };
 

@@ -68,21 +68,47 @@ struct HeadsView {
   using HeadMatrix =
       Eigen::Map<std::conditional_t<std::is_const<T>::value, const Matrix<Scalar>, Matrix<Scalar>>, 0, Eigen::OuterStride<>>;
   /// Rows [row0, row0 + rows) of head h of batch entry b, as a rows x dim row-major matrix.
+  /// No rows: an empty matrix at `data` (an empty view's strides may address nothing real).
   HeadMatrix head(index_t b, index_t h, index_t row0, index_t rows) const {
-    return HeadMatrix(data + b * stride_batch + h * stride_head + row0 * stride_seq, rows, dim,
+    return HeadMatrix(rows > 0 ? data + b * stride_batch + h * stride_head + row0 * stride_seq : data, rows, dim,
                       Eigen::OuterStride<>(rows > 1 ? stride_seq : dim));
   }
 };
 
+/// The most (sequence, query head) pairs one multi-head call takes: the saved state and the
+/// task lists hold every pair, even where the sequences are empty, so a larger count (a view
+/// with S = 0 and a huge batch, say) is rejected before anything is sized by it.
+constexpr index_t max_heads_per_call = index_t(1) << 24;
+
+namespace detail {
+// a·b for the sizes of a layout; sus::Error if it overflows index_t (negative sizes pass
+// through to check_view, which names them).
+inline index_t size_product(const char* fn, index_t a, index_t b) {
+  index_t out = 0;
+#if defined(__GNUC__) || defined(__clang__)
+  if (__builtin_mul_overflow(a, b, &out)) fail(fn, "sizes ", a, " x ", b, " overflow index_t");
+#else
+  const long double p = static_cast<long double>(a) * static_cast<long double>(b);
+  if (p > static_cast<long double>(std::numeric_limits<index_t>::max()) ||
+      p < static_cast<long double>(std::numeric_limits<index_t>::min()))
+    fail(fn, "sizes ", a, " x ", b, " overflow index_t");
+  out = a * b;
+#endif
+  return out;
+}
+}  // namespace detail
+
 /// The [B, S, H, D] layout, contiguous (PyTorch's default for a projection's output).
 template <class T>
 HeadsView<T> bshd(T* data, index_t B, index_t S, index_t H, index_t D) {
-  return {data, B, S, H, D, S * H * D, H * D, D, B * S * H * D};
+  const index_t hd = detail::size_product("bshd", H, D), shd = detail::size_product("bshd", S, hd);
+  return {data, B, S, H, D, shd, hd, D, detail::size_product("bshd", B, shd)};
 }
 /// The [B, H, S, D] layout, contiguous (heads-major; what many kernels transpose to).
 template <class T>
 HeadsView<T> bhsd(T* data, index_t B, index_t H, index_t S, index_t D) {
-  return {data, B, S, H, D, H * S * D, D, S * D, B * H * S * D};
+  const index_t sd = detail::size_product("bhsd", S, D), hsd = detail::size_product("bhsd", H, sd);
+  return {data, B, S, H, D, hsd, D, sd, detail::size_product("bhsd", B, hsd)};
 }
 namespace detail {
 // Checks that an Eigen Matrix or Array holds exactly B·S·H·D elements.
@@ -99,24 +125,24 @@ void check_elements(const char* fn, const Eigen::PlainObjectBase<Derived>& m, in
 /// object gives a read-only view; a temporary is refused (the view would dangle).
 template <class Derived>
 auto bshd(Eigen::PlainObjectBase<Derived>& m, index_t B, index_t S, index_t H, index_t D) {
-  detail::check_elements("bshd", m, B * S * H * D, "B·S·H·D");
+  detail::check_elements("bshd", m, bshd(m.data(), B, S, H, D).extent, "B·S·H·D");
   return bshd(m.data(), B, S, H, D);
 }
 template <class Derived>
 auto bshd(const Eigen::PlainObjectBase<Derived>& m, index_t B, index_t S, index_t H, index_t D) {
-  detail::check_elements("bshd", m, B * S * H * D, "B·S·H·D");
+  detail::check_elements("bshd", m, bshd(m.data(), B, S, H, D).extent, "B·S·H·D");
   return bshd(m.data(), B, S, H, D);
 }
 template <class Derived>
 auto bshd(const Eigen::PlainObjectBase<Derived>&& m, index_t B, index_t S, index_t H, index_t D) = delete;
 template <class Derived>
 auto bhsd(Eigen::PlainObjectBase<Derived>& m, index_t B, index_t H, index_t S, index_t D) {
-  detail::check_elements("bhsd", m, B * H * S * D, "B·H·S·D");
+  detail::check_elements("bhsd", m, bhsd(m.data(), B, H, S, D).extent, "B·H·S·D");
   return bhsd(m.data(), B, H, S, D);
 }
 template <class Derived>
 auto bhsd(const Eigen::PlainObjectBase<Derived>& m, index_t B, index_t H, index_t S, index_t D) {
-  detail::check_elements("bhsd", m, B * H * S * D, "B·H·S·D");
+  detail::check_elements("bhsd", m, bhsd(m.data(), B, H, S, D).extent, "B·H·S·D");
   return bhsd(m.data(), B, H, S, D);
 }
 template <class Derived>
@@ -314,13 +340,25 @@ inline std::vector<index_t> check_cu_seqlens(const char* fn, const char* arg, co
   return cu;
 }
 
+// Checked before anything loops over the pairs or is sized by them: even empty views count.
+inline void check_pair_count(const char* fn, index_t sequences, index_t heads) {
+  if (heads > 0 && sequences > max_heads_per_call / heads)
+    fail(fn, "argument 'Q' has ", sequences, " sequences x ", heads, " heads; a call takes at most ",
+         max_heads_per_call, " (sequence, head) pairs");
+}
+
+// The sequences of a call (checked against max_heads_per_call with `heads` query heads).
 inline std::vector<SequenceSpan> sequences(const char* fn, const MultiHeadOptions& o, index_t batch, index_t s_q,
-                                           index_t s_k) {
+                                           index_t s_k, index_t heads) {
   std::vector<SequenceSpan> seqs;
   if (o.cu_seqlens_q.empty() != o.cu_seqlens_k.empty())
     fail(fn, "options.cu_seqlens_q has ", o.cu_seqlens_q.size(), " entries and options.cu_seqlens_k ",
          o.cu_seqlens_k.size(), ": set both or neither");
+  // Checked before anything is sized by it: the state holds every pair, even of empty sequences.
+  const index_t n_seq = o.cu_seqlens_q.empty() ? batch : static_cast<index_t>(o.cu_seqlens_q.size()) - 1;
+  check_pair_count(fn, n_seq, heads);
   if (o.cu_seqlens_q.empty()) {
+    seqs.reserve(static_cast<std::size_t>(batch));
     for (index_t b = 0; b < batch; ++b) seqs.push_back({b, 0, s_q, 0, s_k});
     return seqs;
   }
@@ -408,20 +446,24 @@ index_t finite_checks(const NamedView<T> (&views)[N]) {
   for (const NamedView<T>& nv : views) count += nv.view->batch * nv.view->heads;
   return count;
 }
+// Returns the head's largest |entry|, and the index of its view in `views` through `which`.
 template <class T, std::size_t N>
-void check_finite_task(const char* fn, const NamedView<T> (&views)[N], index_t t) {
-  for (const NamedView<T>& nv : views) {
-    const HeadsView<const T>& v = *nv.view;
+double check_finite_task(const char* fn, const NamedView<T> (&views)[N], index_t t, int* which = nullptr) {
+  for (std::size_t x = 0; x < N; ++x) {
+    const HeadsView<const T>& v = *views[x].view;
     if (t >= v.batch * v.heads) {
       t -= v.batch * v.heads;
       continue;
     }
     const index_t b = t / v.heads, h = t % v.heads;
-    if (!all_finite(v.head(b, h, 0, v.seq)))
-      fail(fn, "argument '", nv.name, "' has a non-finite entry in batch entry ", b, ", head ", h, " (shape ",
+    if (which) *which = static_cast<int>(x);
+    const double largest = max_abs(v.head(b, h, 0, v.seq));
+    if (!std::isfinite(largest))
+      fail(fn, "argument '", views[x].name, "' has a non-finite entry in batch entry ", b, ", head ", h, " (shape ",
            view_shape(v.batch, v.seq, v.heads, v.dim), ")");
-    return;
+    return largest;
   }
+  return 0;
 }
 
 template <class T>
@@ -434,12 +476,13 @@ void multihead_forward(const HeadsView<const T>& Q, const HeadsView<const T>& K,
   check_view(fn, "V", V);
   check_view(fn, "O", O);
   check_head_shapes<T>(fn, Q, K, V, "O", O.batch, O.seq, O.heads, O.dim);
+  check_pair_count(fn, Q.batch, Q.heads);
   const HeadsView<const T> Oc = O;
   check_views_disjoint(fn, "O", Oc, "Q", Q);
   check_views_disjoint(fn, "O", Oc, "K", K);
   check_views_disjoint(fn, "O", Oc, "V", V);
   const T scale = static_cast<T>(resolve_scale(fn, options, Q.dim));
-  const std::vector<SequenceSpan> seqs = sequences(fn, options, Q.batch, Q.seq, K.seq);
+  const std::vector<SequenceSpan> seqs = sequences(fn, options, Q.batch, Q.seq, K.seq, Q.heads);
   check_heads_mask(fn, mask, options, Q.batch, Q.heads, Q.seq, K.seq);
   if (state.save == SaveForBackward::sus_mask) {
     check_sampler_options(fn, state.sampler, "state.sampler");
@@ -734,6 +777,24 @@ void sparse_multihead_two_pass(const HeadsView<const T>& Q, const HeadsView<cons
   });
 }
 
+// The outputs of a multi-head backward are finite, or sus::Error (check_gradients).
+template <class T>
+void check_head_gradients(const char* fn, const HeadsView<T>& dQ, const HeadsView<T>& dK, const HeadsView<T>& dV,
+                          double bound, bool accumulate, double s, const InputMagnitudes& m, int threads) {
+  if (gradients_surely_finite<T>(bound, accumulate)) return;
+  const HeadsView<const T> cq = dQ, ck = dK, cv = dV;
+  const NamedView<T> outs[] = {{"dQ", &cq}, {"dK", &ck}, {"dV", &cv}};
+  parallel_for(finite_checks(outs), threads, [&](index_t t, int) {
+    int x = 0;
+    try {
+      check_finite_task(fn, outs, t, &x);
+    } catch (const Error&) {
+      const HeadsView<const T>& v = *outs[x].view;
+      throw_gradient_overflow(fn, outs[x].name, view_shape(v.batch, v.seq, v.heads, v.dim), s, m);
+    }
+  });
+}
+
 template <class T>
 void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K, const HeadsView<const T>& V,
                         const HeadsView<const T>& O, const HeadsView<const T>& dO, const AttentionState<T>& state,
@@ -756,13 +817,14 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
   want("dQ", dQ, Q, "like Q");
   want("dK", dK, K, "like K");
   want("dV", dV, V, "like V");
+  check_pair_count(fn, Q.batch, Q.heads);
   for (int x = 0; x < 3; ++x) {
     const HeadsView<const T> out = *outs[x];
     for (int y = 0; y < 5; ++y) check_views_disjoint(fn, out_names[x], out, in_names[y], *ins[y]);
     for (int y = x + 1; y < 3; ++y) check_views_disjoint(fn, out_names[x], out, out_names[y], HeadsView<const T>(*outs[y]));
   }
   const T scale = static_cast<T>(resolve_scale(fn, options, Q.dim));
-  const std::vector<SequenceSpan> seqs = sequences(fn, options, Q.batch, Q.seq, K.seq);
+  const std::vector<SequenceSpan> seqs = sequences(fn, options, Q.batch, Q.seq, K.seq, Q.heads);
   const index_t n_seq = static_cast<index_t>(seqs.size()), H = Q.heads, H_kv = K.heads, group = H / H_kv;
   if (state.save == SaveForBackward::lse_only)
     fail(fn, "argument 'state' was saved with SaveForBackward::lse_only: the backward needs sus_mask or dense_weights");
@@ -785,25 +847,51 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
   // (they read every byte); the failure reported is the first in this order.
   const int threads = resolve_threads(options.num_threads);
   const NamedView<T> inputs[] = {{"Q", &Q}, {"K", &K}, {"V", &V}, {"O", &O}, {"dO", &dO}};
+  // Each task's largest |entry| (W̃ of its mask, or of its input head), for gradient_bound.
+  std::vector<double> largest(static_cast<std::size_t>(n_seq * H + finite_checks(inputs)), 0.0);
+  std::vector<int> view_of(largest.size(), -1);
   parallel_for(n_seq * H + finite_checks(inputs), threads, [&](index_t t, int) {
-    if (t >= n_seq * H) return check_finite_task(fn, inputs, t - n_seq * H);
+    const auto x = static_cast<std::size_t>(t);
+    if (t >= n_seq * H) {
+      largest[x] = check_finite_task(fn, inputs, t - n_seq * H, &view_of[x]);
+      return;
+    }
     const index_t b = t / H, h = t % H;
     const SequenceSpan& sp = seqs[b];
     const auto bh = state.at(b, h);
     if (sparse) {
-      check_mask(fn, state.masks[bh], sp.n_q, sp.n_k, options,
-                 concat("state.masks[", bh, "] (sequence ", b, ", head ", h, ")"));
+      largest[x] = check_mask(fn, state.masks[bh], sp.n_q, sp.n_k, options,
+                              concat("state.masks[", bh, "] (sequence ", b, ", head ", h, ")"));
     } else {
       check_weights_for(fn, concat("state.weights[", bh, "] (sequence ", b, ", head ", h, ")"),
                         ConstMatrixRef<T>(state.weights[bh]), sp.n_q, sp.n_k, options);
     }
   });
 
+  // gradient_bound over every head: the inputs' largest entries, and |W̃| sums bounded by the
+  // longest sequence times the largest |W̃| (the group's heads all add into one dK, dV).
+  InputMagnitudes m;
+  double w_max = sparse ? 0 : 1 + row_sum_tolerance<T>();
+  double* by_view[] = {&m.Q, &m.K, &m.V, &m.O, &m.dO};
+  for (std::size_t x = 0; x < largest.size(); ++x) {
+    if (x >= static_cast<std::size_t>(n_seq * H)) *by_view[view_of[x]] = std::max(*by_view[view_of[x]], largest[x]);
+    else if (sparse) w_max = std::max(w_max, largest[x]);
+  }
+  index_t longest_q = 0, longest_k = 0;
+  for (const SequenceSpan& sp : seqs) {
+    longest_q = std::max(longest_q, sp.n_q);
+    longest_k = std::max(longest_k, sp.n_k);
+  }
+  const double bound =
+      sparse ? gradient_bound(m, scale, V.dim, w_max, static_cast<double>(longest_k) * w_max,
+                              static_cast<double>(longest_q) * static_cast<double>(group) * w_max)
+             : dense_gradient_bound<T>(m, scale, longest_q, V.dim, group);
   if (sparse) {
     if (resolve_schedule(schedule, n_seq * H_kv, threads) == SparseSchedule::per_group)
       sparse_multihead_per_group<T>(Q, K, V, O, dO, state, dQ, dK, dV, seqs, scale, options.accumulate, threads);
     else
       sparse_multihead_two_pass<T>(Q, K, V, O, dO, state, dQ, dK, dV, seqs, scale, options.accumulate, threads);
+    check_head_gradients<T>(fn, dQ, dK, dV, bound, options.accumulate, scale, m, threads);
     return;
   }
   // Dense: tasks (sequence, key/value head), each running the heads of its group in ascending
@@ -815,6 +903,7 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
                                options.accumulate, options.accumulate || h > g * group);
     });
   });
+  check_head_gradients<T>(fn, dQ, dK, dV, bound, options.accumulate, scale, m, threads);
 }
 
 }  // namespace detail

@@ -114,12 +114,39 @@ SUS_ALWAYS_INLINE double lane_sum(index_t b, index_t e, F f) {
 
 }  // namespace detail
 
+namespace detail {
+
+// Water level of a row whose unsaturated weights are tiny: λ = (c − s) / rest would overflow
+// (or 1/λ lose its precision as a denormal), and min(1, inf·0) would give q = 1 to a zero
+// weight. The same fixed-point iteration as inclusion_probabilities, from its state (s
+// saturated, rest the sum of the others), with λ·w_j formed as (c − s)·(w_j / rest). Returns Σq.
+template <class T>
+double waterfill_tiny_rest(const T* w, index_t n, int c, double s, double rest, T* q) {
+  const auto level = [&](index_t j, double sat, double r) { return (c - sat) * (static_cast<double>(w[j]) / r); };
+  for (int iter = 0; iter <= c; ++iter) {
+    const double s2 = lane_sum(0, n, [&](index_t j) { return level(j, s, rest) >= 1 ? 1.0 : 0.0; });
+    if (s2 == s && iter > 0) break;
+    const double r2 = lane_sum(0, n, [&](index_t j) { return level(j, s, rest) >= 1 ? 0.0 : double(w[j]); });
+    if (s2 >= c || !(r2 > 0)) break;
+    s = s2;
+    rest = r2;
+  }
+  for (index_t j = 0; j < n; ++j) q[j] = static_cast<T>(std::min(1.0, level(j, s, rest)));
+  return lane_sum(0, n, [&](index_t j) { return static_cast<double>(q[j]); });
+}
+
+// λ above this: 1/λ is no longer a normal double (waterfill_tiny_rest takes over).
+constexpr double kMaxWaterLevel = 1.0 / std::numeric_limits<double>::min();
+
+}  // namespace detail
+
 /// Inclusion probabilities of one row under `budget`.
 ///   w: n weights (≥ 0); q: n outputs. Returns Σ_j q_j (in double).
 /// q_j = min(1, λ·w_j) with λ = c (paper) or the water level (waterfill), found by fixed-point
 /// iteration on the saturated set S = {j : λ·w_j ≥ 1}: λ = (c − |S|) / Σ_{j∉S} w_j. Each step
 /// only grows S, so it stops after at most c steps (usually 2–3). When the row has at most c
-/// non-zero weights, waterfill keeps all of them (q = 1 on the support).
+/// non-zero weights, waterfill keeps all of them (q = 1 on the support). Where the unsaturated
+/// weights are so small (denormal) that λ would overflow, λ·w_j is formed as (c − |S|)·(w_j / Σ_{j∉S} w_j).
 template <class T>
 double inclusion_probabilities(const T* w, index_t n, int c, Budget budget, T* q) {
   if (c < 1) detail::fail("inclusion_probabilities", "c = ", c, " must be >= 1");
@@ -130,7 +157,9 @@ double inclusion_probabilities(const T* w, index_t n, int c, Budget budget, T* q
       for (index_t j = 0; j < n; ++j) q[j] = w[j] > T(0) ? T(1) : T(0);
       return support;
     }
-    lambda = c / detail::lane_sum(0, n, [&](index_t j) { return static_cast<double>(w[j]); });
+    const double total = detail::lane_sum(0, n, [&](index_t j) { return static_cast<double>(w[j]); });
+    lambda = c / total;
+    if (!(lambda <= detail::kMaxWaterLevel)) return detail::waterfill_tiny_rest(w, n, c, 0.0, total, q);
     double saturated = 0;
     for (int iter = 0; iter <= c; ++iter) {
       // 1/λ as the threshold keeps the loop free of divisions; λ·w ≥ 1 ⇔ w ≥ 1/λ.
@@ -144,6 +173,7 @@ double inclusion_probabilities(const T* w, index_t n, int c, Budget budget, T* q
       if (s >= c || !(rest > 0)) break;
       saturated = s;
       lambda = (c - saturated) / rest;
+      if (!(lambda <= detail::kMaxWaterLevel)) return detail::waterfill_tiny_rest(w, n, c, saturated, rest, q);
     }
   }
   const T lam = static_cast<T>(lambda);

@@ -4,8 +4,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include <Eigen/Core>
 
@@ -174,6 +176,30 @@ bool all_finite(const M& m) {
   return !std::isnan(static_cast<double>(probe));
 }
 
+// The largest |entry| of a row-major matrix (0 if empty): NaN if an entry is NaN, inf if one
+// is ±inf and none is NaN. On the bits: without the sign bit, IEEE values order like unsigned
+// integers (finite < inf < NaN), and an integer max vectorises with no NaN special case.
+template <class M>
+double max_abs(const M& m) {
+  using T = typename M::Scalar;
+  using U = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+  static_assert(sizeof(T) == sizeof(U), "max_abs: float or double");
+  constexpr U magnitude = ~U(0) >> 1;
+  U top = 0;
+  for (index_t i = 0; i < m.rows(); ++i) {
+    const T* x = m.row(i).data();
+    for (index_t j = 0; j < m.cols(); ++j) {
+      U b;
+      std::memcpy(&b, x + j, sizeof b);
+      b &= magnitude;
+      top = b > top ? b : top;
+    }
+  }
+  T out;
+  std::memcpy(&out, &top, sizeof out);
+  return static_cast<double>(out);
+}
+
 template <class M>
 void check_finite(const char* fn, const char* arg, const M& m) {
   // Fast path all_finite; the slow scan only builds the message.
@@ -184,6 +210,14 @@ void check_finite(const char* fn, const char* arg, const M& m) {
           fail(fn, "argument '", arg, "' (", shape(m.rows(), m.cols()), ") has a non-finite entry at (", i, ", ", j,
                "): ", m(i, j));
   }
+}
+
+// check_finite that also returns max_abs(m), in one pass over m when every entry is finite.
+template <class M>
+double check_finite_max(const char* fn, const char* arg, const M& m) {
+  const double a = max_abs(m);
+  if (!std::isfinite(a)) check_finite(fn, arg, m);  // names the entry
+  return a;
 }
 
 // A row-major matrix in memory, in bytes: `rows` runs of `width` bytes, `stride` bytes apart,
