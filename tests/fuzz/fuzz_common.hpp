@@ -18,13 +18,6 @@
 #include <string>
 #include <vector>
 
-// TEMPORARY (issue 32): while the five listed defects are unfixed, the targets skip the
-// inputs that reach them (each skip is marked SUS_FUZZ_SKIP_KNOWN) so that fuzzing can look for
-// others. To be removed once main's fixes are merged.
-#ifndef SUS_FUZZ_SKIP_KNOWN
-#define SUS_FUZZ_SKIP_KNOWN 1
-#endif
-
 namespace sus_fuzz {
 
 using sus::index_t;
@@ -197,23 +190,17 @@ struct GuardedMatrix {
     for (std::size_t k = 0; k < buf.size(); ++k)
       if (inside(k)) buf[k] = v;
   }
-  // Asserts that the pad columns still hold the sentinel and (require_finite) that the
-  // matrix is finite.
-  void check(const char* name, bool require_finite = true) const {
+  // Asserts that the pad columns still hold the sentinel and that the matrix is finite.
+  void check(const char* name) const {
     for (std::size_t k = 0; k < buf.size(); ++k) {
       const index_t i = static_cast<index_t>(k) / ld, j = static_cast<index_t>(k) % ld;
       if (inside(k))
-        FUZZ_CHECK(!require_finite || std::isfinite(static_cast<double>(buf[k])), "output ", name, "(", i, ", ", j,
-                   ") = ", buf[k], " is not finite (", rows, "x", cols, ")");
+        FUZZ_CHECK(std::isfinite(static_cast<double>(buf[k])), "output ", name, "(", i, ", ", j, ") = ", buf[k],
+                   " is not finite (", rows, "x", cols, ")");
       else
         FUZZ_CHECK(is_sentinel(buf[k]), "output ", name, ": element ", k, " (row ", i, ", pad column ", j - cols,
                    ") outside the ", rows, "x", cols, " view was written");
     }
-  }
-  bool finite() const {
-    for (std::size_t k = 0; k < buf.size(); ++k)
-      if (inside(k) && !std::isfinite(static_cast<double>(buf[k]))) return false;
-    return true;
   }
 };
 
