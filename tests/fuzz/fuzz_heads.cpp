@@ -260,9 +260,9 @@ void run(Reader& r, std::uint8_t flags) {
   sus::HeadsMask<T> mask;
   std::unique_ptr<bool[]> keep;
   std::vector<T> add;
-  if (masked && !huge) {
-    const std::uint8_t m = r.byte();
-    const index_t mb = m & 1 ? B : 1, mh = m & 2 ? H_q : 1, mr = m & 4 ? S_q : 1, mc = m & 8 ? S_k + 1 : S_k;
+  const std::uint8_t m = masked && !huge ? r.byte() : 0;
+  const index_t mb = m & 1 ? B : 1, mh = m & 2 ? H_q : 1, mr = m & 4 ? S_q : 1, mc = m & 8 ? S_k + 1 : S_k;
+  if (masked && !huge && mul(mul(mb, mh), mul(mr, mc)) <= kMaxAlloc && std::min({mb, mh, mr, mc}) >= 0) {
     const index_t n = mb * mh * mr * mc;
     if (m & 16) {
       add.resize(static_cast<std::size_t>(n));
