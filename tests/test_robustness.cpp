@@ -309,3 +309,33 @@ TEST_CASE("robustness: a scale beyond the type's range is rejected, not turned i
                                                  gd.dV, o));
   CHECK((gd.dQ.array() == 0).all());
 }
+
+// Found by tests/fuzz (fuzz_heads): empty views (S = 0) with a head dim of 2^62 passed the
+// checks, and the backward counted their rows in bytes, 2·(d + d_v)·sizeof(T): a signed
+// overflow (UBSan). Head dims are now at most sus::detail::max_head_dim, empty views included.
+TEMPLATE_TEST_CASE("robustness: head dims beyond max_head_dim are rejected, even in empty views", "[robustness]",
+                   float, double) {
+  using T = TestType;
+  EmptyViews<T> e;
+  const index_t D = index_t(1) << 62;
+  sus::AttentionState<T> state;
+  CHECK_THAT(sus_test::error_message([&] {
+               sus::multihead_attention_forward(e.view(0, 2, 0, 2, D, 0, 0, 0), e.view(1, 2, 0, 1, D, 0, 0, 0),
+                                                e.view(2, 2, 0, 1, D, 0, 0, 0), e.view(3, 2, 0, 2, D, 0, 0, 0), state);
+             }),
+             StartsWith("sus::multihead_attention_forward:") && Contains("'Q'") && Contains("head dim must be <="));
+  CHECK_THAT(sus_test::error_message([&] {
+               sus::multihead_attention_backward(
+                   e.view(0, 2, 0, 2, 4, 0, 0, 4), e.view(1, 2, 0, 1, 4, 0, 0, 4), e.view(2, 2, 0, 1, D, 0, 0, 0),
+                   e.view(3, 2, 0, 2, D, 0, 0, 0), e.view(4, 2, 0, 2, D, 0, 0, 0), state,
+                   e.view(5, 2, 0, 2, 4, 0, 0, 4), e.view(6, 2, 0, 1, 4, 0, 0, 4), e.view(7, 2, 0, 1, D, 0, 0, 0));
+             }),
+             StartsWith("sus::multihead_attention_backward:") && Contains("'V'") && Contains("value dim must be <="));
+  // A single-head Map of 0 rows and 2^62 columns.
+  const Eigen::Map<const sus::Matrix<T>> Q(e.buf.data(), 0, D);
+  sus::Matrix<T> none(0, 1);
+  CHECK_THAT(sus_test::error_message([&] {
+               sus::attention_forward(Q, Q, none, none, sus::NoRecord{});
+             }),
+             StartsWith("sus::attention_forward:") && Contains("head dim d must be <="));
+}

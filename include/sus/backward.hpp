@@ -173,8 +173,8 @@ struct InputMagnitudes {
 template <class T>
 InputMagnitudes check_backward_args(const char* fn, const BackwardArgs<T>& a, const AttentionOptions& o) {
   const index_t n_q = a.Q.rows(), d = a.Q.cols(), n_k = a.K.rows(), d_v = a.V.cols();
-  if (d < 1) fail(fn, "argument 'Q' has shape ", shape(n_q, d), ": head dim d must be >= 1");
-  if (d_v < 1) fail(fn, "argument 'V' has shape ", shape(a.V.rows(), d_v), ": value dim d_v must be >= 1");
+  check_head_dim(fn, "Q", shape(n_q, d), d, "head dim d");
+  check_head_dim(fn, "V", shape(a.V.rows(), d_v), d_v, "value dim d_v");
   check_shape(fn, "K", a.K, n_k, d, "n_k x d, d = Q.cols()");
   check_shape(fn, "V", a.V, n_k, d_v, "n_k x d_v, n_k = K.rows()");
   check_shape(fn, "O", a.O, n_q, d_v, "n_q x d_v");

@@ -31,8 +31,8 @@ template <class T>
 void check_forward_args(const char* fn, const ConstMatrixRef<T>& Q, const ConstMatrixRef<T>& K,
                         const ConstMatrixRef<T>& V, const MatrixRef<T>& O, const AttentionOptions& o) {
   const index_t n_q = Q.rows(), d = Q.cols(), n_k = K.rows(), d_v = V.cols();
-  if (d < 1) fail(fn, "argument 'Q' has shape ", shape(n_q, d), ": head dim d must be >= 1");
-  if (d_v < 1) fail(fn, "argument 'V' has shape ", shape(V.rows(), d_v), ": value dim d_v must be >= 1");
+  check_head_dim(fn, "Q", shape(n_q, d), d, "head dim d");
+  check_head_dim(fn, "V", shape(V.rows(), d_v), d_v, "value dim d_v");
   check_shape(fn, "K", K, n_k, d, "n_k x d, d = Q.cols()");
   check_shape(fn, "V", V, n_k, d_v, "n_k x d_v, n_k = K.rows()");
   check_shape(fn, "O", O, n_q, d_v, "n_q x d_v");

@@ -173,12 +173,15 @@ struct HeadsMask {
 /// broadcast: (B, 1, 1, S_k) is a key-padding mask.
 template <class T = float>
 HeadsMask<T> heads_bool_mask(const bool* keep, index_t batch, index_t heads, index_t rows, index_t cols) {
-  return {keep, nullptr, batch, heads, rows, cols, heads * rows * cols, rows * cols, cols};
+  const index_t plane = detail::size_product("heads_bool_mask", rows, cols);
+  return {keep, nullptr, batch, heads, rows, cols, detail::size_product("heads_bool_mask", heads, plane), plane, cols};
 }
 /// A contiguous [batch, heads, rows, cols] additive mask (−inf: masked).
 template <class T>
 HeadsMask<T> heads_additive_mask(const T* add, index_t batch, index_t heads, index_t rows, index_t cols) {
-  return {nullptr, add, batch, heads, rows, cols, heads * rows * cols, rows * cols, cols};
+  const index_t plane = detail::size_product("heads_additive_mask", rows, cols);
+  return {nullptr, add, batch, heads, rows, cols, detail::size_product("heads_additive_mask", heads, plane), plane,
+          cols};
 }
 
 /// Options of the multi-head calls: the single-head options (scale, causal and its alignment,
@@ -391,8 +394,8 @@ void check_head_shapes(const char* fn, const HeadsView<const T>& Q, const HeadsV
       fail(fn, "argument '", arg, "' has shape ", view_shape(b, s, h, d), ", expected ", view_shape(eb, es, eh, ed),
            " (", meaning, "); Q is ", view_shape(Q.batch, Q.seq, Q.heads, Q.dim));
   };
-  if (Q.dim < 1) fail(fn, "argument 'Q' has shape ", view_shape(Q.batch, Q.seq, Q.heads, Q.dim), ": head dim must be >= 1");
-  if (V.dim < 1) fail(fn, "argument 'V' has shape ", view_shape(V.batch, V.seq, V.heads, V.dim), ": value dim must be >= 1");
+  check_head_dim(fn, "Q", view_shape(Q.batch, Q.seq, Q.heads, Q.dim), Q.dim, "head dim");
+  check_head_dim(fn, "V", view_shape(V.batch, V.seq, V.heads, V.dim), V.dim, "value dim");
   if (Q.heads < 1) fail(fn, "argument 'Q' has shape ", view_shape(Q.batch, Q.seq, Q.heads, Q.dim), ": H_q must be >= 1");
   if (K.heads < 1 || Q.heads % K.heads != 0)
     fail(fn, "argument 'K' has ", K.heads, " heads and 'Q' has ", Q.heads,

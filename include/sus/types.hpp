@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 
 #include <Eigen/Core>
 
@@ -141,6 +142,16 @@ inline index_t visible_keys(index_t i, index_t n_q, index_t n_k, const Attention
   if (!o.causal) return n_k;
   const index_t last = o.alignment == CausalAlignment::top_left ? i : i + n_k - n_q;  // last visible key
   return std::min(n_k, std::max<index_t>(0, last + 1));
+}
+
+// The largest head dim d or d_v: a row of 2^32 values is already 16 GiB, and the kernels count
+// rows of K, V, dK, dV in bytes (4·(d + d_v)·sizeof(T)). Checked even where no row exists (S = 0).
+constexpr index_t max_head_dim = index_t(1) << 32;
+
+inline void check_head_dim(const char* fn, const char* arg, const std::string& arg_shape, index_t dim,
+                           const char* what) {
+  if (dim < 1) fail(fn, "argument '", arg, "' has shape ", arg_shape, ": ", what, " must be >= 1");
+  if (dim > max_head_dim) fail(fn, "argument '", arg, "' has shape ", arg_shape, ": ", what, " must be <= ", max_head_dim);
 }
 
 // The softmax scale the kernels use in T: options.scale must be finite, in T too (1e39 is a

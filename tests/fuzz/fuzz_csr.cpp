@@ -283,7 +283,7 @@ void run(Reader& r, std::uint8_t flags) {
   } catch (const sus::Error&) {
     return;
   }
-  const bool scale_ok = !o.scale || std::isfinite(*o.scale);
+  const bool scale_ok = !o.scale || std::isfinite(static_cast<T>(*o.scale));
   FUZZ_CHECK(d >= 1 && d_v >= 1 && scale_ok, "attention_backward_sparse accepted d = ", d, ", d_v = ", d_v,
              ", scale = ", o.scale ? *o.scale : 0.0);
   FUZZ_CHECK(mask.rows == n_q && mask.cols == n_k && csr_valid(mask, -1) && respects_causal(mask, o),
@@ -297,7 +297,7 @@ void run(Reader& r, std::uint8_t flags) {
 
   // The key-blocked and split kernels, any block size: the same values (bits, up to the sign
   // of zero).
-  const T s = static_cast<T>(sus::detail::resolve_scale("fuzz_csr", o, d));
+  const T s = static_cast<T>(sus::detail::resolve_scale<T>("fuzz_csr", o, d));
   const sus::ConstMatrixRef<T> Qr(Q), Kr(K), Vr(V), Or(O), dOr(dO);
   for (int variant = 0; variant < 2; ++variant) {
     GuardedMatrix<T> dQ2 = dQ0, dK2 = dK0, dV2 = dV0;
