@@ -205,3 +205,14 @@ struct GuardedMatrix {
 };
 
 }  // namespace sus_fuzz
+
+// The libFuzzer entry point of a target: bit 0 of the first byte picks double or float for
+// run<T>(Reader&, flags).
+#define SUS_FUZZ_ENTRY_POINT(run)                                                  \
+  extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) { \
+    sus_fuzz::Reader r(data, size);                                                \
+    const std::uint8_t flags = r.byte();                                           \
+    if (flags & 1) run<double>(r, flags);                                          \
+    else run<float>(r, flags);                                                     \
+    return 0;                                                                      \
+  }

@@ -318,10 +318,4 @@ void run(Reader& r, std::uint8_t flags) {
 
 }  // namespace
 
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  Reader r(data, size);
-  const std::uint8_t flags = r.byte();
-  if (flags & 1) run<double>(r, flags);
-  else run<float>(r, flags);
-  return 0;
-}
+SUS_FUZZ_ENTRY_POINT(run)
