@@ -94,14 +94,17 @@ def test_brown_parsing_and_split_match_data_hpp(tmp_path):
 
 @pytest.mark.parametrize("attention", ["sus", "dense", "torch"])
 def test_gpt_training_loop_logs_and_saves(tmp_path, capsys, attention):
-    ckpt = str(tmp_path / "gpt.ckpt")
-    gpt.main(["--data", os.path.join(repo, "README.md"), "--attention", attention, "--layers", "1", "--heads", "2",
-              "--head-dim", "8", "--n", "32", "--batch", "2", "--steps", "3", "--log-every", "1", "--c", "4",
+    # A repetitive text of its own (not a file of the repository, whose edits would move the
+    # windows): a few steps at lr 1e-2 lower the loss far beyond the noise of the batches.
+    ckpt, data = str(tmp_path / "gpt.ckpt"), tmp_path / "text.txt"
+    data.write_text(("the cat sat on the mat. " * 20 + "\n\n") * 200)
+    gpt.main(["--data", str(data), "--attention", attention, "--layers", "1", "--heads", "2", "--head-dim", "8",
+              "--n", "32", "--batch", "2", "--steps", "6", "--lr", "1e-2", "--log-every", "1", "--c", "4",
               "--save", ckpt])
     log = capsys.readouterr().out
     steps = [line for line in log.splitlines() if line.startswith("step")]
-    assert len(steps) == 3 and all("attention" in line and "optimizer" in line for line in steps), log
+    assert len(steps) == 6 and all("attention" in line and "optimizer" in line for line in steps), log
     losses = [float(line.split("loss")[1].split()[0]) for line in steps]
-    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.9 * losses[0], losses
     model, step = gpt.load_checkpoint(ckpt)
-    assert step == 3 and model.cfg.n_layer == 1
+    assert step == 6 and model.cfg.n_layer == 1
