@@ -220,6 +220,14 @@ double dense_gradient_bound(const InputMagnitudes& m, double s, index_t n_q, ind
   return gradient_bound(m, s, d_v, w, w, static_cast<double>(n_q) * static_cast<double>(heads) * w);
 }
 
+// gradient_bound for a SUS mask whose |W̃| are at most w_max, with n_q rows and n_k keys: row
+// sums ≤ n_k·w_max, column sums ≤ n_q·w_max (times the `heads` adding into one dK, dV).
+inline double sparse_gradient_bound(const InputMagnitudes& m, double s, index_t n_q, index_t n_k, index_t d_v,
+                                    double w_max, index_t heads) {
+  return gradient_bound(m, s, d_v, w_max, static_cast<double>(n_k) * w_max,
+                        static_cast<double>(n_q) * static_cast<double>(heads) * w_max);
+}
+
 // Whether the bound leaves room for rounding (n·ε relative) below T's largest value: then
 // every output is finite and needs no look. Otherwise, and when adding into the caller's
 // outputs, the caller checks them after the kernel (the bound fails only for extreme inputs,
@@ -895,10 +903,8 @@ void attention_backward_sparse(const BackwardArgs<T>& a, const Csr<T>& mask, con
   const double w_max = check_mask(fn, mask, a.Q.rows(), a.K.rows(), o);
   const T s = static_cast<T>(resolve_scale<T>(fn, o, a.Q.cols()));
   sparse_backward_kernel<T>(a, mask, s, o.accumulate, o.accumulate);
-  // |W̃| row sums ≤ n_k·w_max; column sums ≤ n_q·w_max.
-  const double bound = gradient_bound(m, s, a.V.cols(), w_max, static_cast<double>(a.K.rows()) * w_max,
-                                      static_cast<double>(a.Q.rows()) * w_max);
-  check_gradients<T>(fn, a, bound, o.accumulate, s, m);
+  check_gradients<T>(fn, a, sparse_gradient_bound(m, s, a.Q.rows(), a.K.rows(), a.V.cols(), w_max, 1), o.accumulate,
+                     s, m);
 }
 
 // The tiled GEMM backward (arguments checked by the caller): per group of row_group blocks

@@ -125,25 +125,29 @@ void check_elements(const char* fn, const Eigen::PlainObjectBase<Derived>& m, in
 /// object gives a read-only view; a temporary is refused (the view would dangle).
 template <class Derived>
 auto bshd(Eigen::PlainObjectBase<Derived>& m, index_t B, index_t S, index_t H, index_t D) {
-  detail::check_elements("bshd", m, bshd(m.data(), B, S, H, D).extent, "B·S·H·D");
-  return bshd(m.data(), B, S, H, D);
+  const auto view = bshd(m.data(), B, S, H, D);
+  detail::check_elements("bshd", m, view.extent, "B·S·H·D");
+  return view;
 }
 template <class Derived>
 auto bshd(const Eigen::PlainObjectBase<Derived>& m, index_t B, index_t S, index_t H, index_t D) {
-  detail::check_elements("bshd", m, bshd(m.data(), B, S, H, D).extent, "B·S·H·D");
-  return bshd(m.data(), B, S, H, D);
+  const auto view = bshd(m.data(), B, S, H, D);
+  detail::check_elements("bshd", m, view.extent, "B·S·H·D");
+  return view;
 }
 template <class Derived>
 auto bshd(const Eigen::PlainObjectBase<Derived>&& m, index_t B, index_t S, index_t H, index_t D) = delete;
 template <class Derived>
 auto bhsd(Eigen::PlainObjectBase<Derived>& m, index_t B, index_t H, index_t S, index_t D) {
-  detail::check_elements("bhsd", m, bhsd(m.data(), B, H, S, D).extent, "B·H·S·D");
-  return bhsd(m.data(), B, H, S, D);
+  const auto view = bhsd(m.data(), B, H, S, D);
+  detail::check_elements("bhsd", m, view.extent, "B·H·S·D");
+  return view;
 }
 template <class Derived>
 auto bhsd(const Eigen::PlainObjectBase<Derived>& m, index_t B, index_t H, index_t S, index_t D) {
-  detail::check_elements("bhsd", m, bhsd(m.data(), B, H, S, D).extent, "B·H·S·D");
-  return bhsd(m.data(), B, H, S, D);
+  const auto view = bhsd(m.data(), B, H, S, D);
+  detail::check_elements("bhsd", m, view.extent, "B·H·S·D");
+  return view;
 }
 template <class Derived>
 auto bhsd(const Eigen::PlainObjectBase<Derived>&& m, index_t B, index_t H, index_t S, index_t D) = delete;
@@ -852,11 +856,10 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
   const NamedView<T> inputs[] = {{"Q", &Q}, {"K", &K}, {"V", &V}, {"O", &O}, {"dO", &dO}};
   // Each task's bound on its entries (W̃ of its mask, or of its input head), for gradient_bound.
   std::vector<double> largest(static_cast<std::size_t>(n_seq * H + finite_checks(inputs)), 0.0);
-  std::vector<int> view_of(largest.size(), -1);
   parallel_for(n_seq * H + finite_checks(inputs), threads, [&](index_t t, int) {
     const auto x = static_cast<std::size_t>(t);
     if (t >= n_seq * H) {
-      largest[x] = check_finite_task(fn, inputs, t - n_seq * H, &view_of[x]);
+      largest[x] = check_finite_task(fn, inputs, t - n_seq * H);
       return;
     }
     const index_t b = t / H, h = t % H;
@@ -875,20 +878,18 @@ void multihead_backward(const HeadsView<const T>& Q, const HeadsView<const T>& K
   // sequence times the bound on |W̃| (the group's heads all add into one dK, dV).
   InputMagnitudes m;
   double w_max = sparse ? 0 : 1 + row_sum_tolerance<T>();
+  for (index_t t = 0; sparse && t < n_seq * H; ++t) w_max = std::max(w_max, largest[static_cast<std::size_t>(t)]);
   double* by_view[] = {&m.Q, &m.K, &m.V, &m.O, &m.dO};
-  for (std::size_t x = 0; x < largest.size(); ++x) {
-    if (x >= static_cast<std::size_t>(n_seq * H)) *by_view[view_of[x]] = std::max(*by_view[view_of[x]], largest[x]);
-    else if (sparse) w_max = std::max(w_max, largest[x]);
-  }
+  for (index_t x = 0, t = n_seq * H; x < 5; ++x)  // the finiteness tasks: view by view, batch·heads each
+    for (index_t end = t + inputs[x].view->batch * inputs[x].view->heads; t < end; ++t)
+      *by_view[x] = std::max(*by_view[x], largest[static_cast<std::size_t>(t)]);
   index_t longest_q = 0, longest_k = 0;
   for (const SequenceSpan& sp : seqs) {
     longest_q = std::max(longest_q, sp.n_q);
     longest_k = std::max(longest_k, sp.n_k);
   }
-  const double bound =
-      sparse ? gradient_bound(m, scale, V.dim, w_max, static_cast<double>(longest_k) * w_max,
-                              static_cast<double>(longest_q) * static_cast<double>(group) * w_max)
-             : dense_gradient_bound<T>(m, scale, longest_q, V.dim, group);
+  const double bound = sparse ? sparse_gradient_bound(m, scale, longest_q, longest_k, V.dim, w_max, group)
+                              : dense_gradient_bound<T>(m, scale, longest_q, V.dim, group);
   if (sparse) {
     if (resolve_schedule(schedule, n_seq * H_kv, threads) == SparseSchedule::per_group)
       sparse_multihead_per_group<T>(Q, K, V, O, dO, state, dQ, dK, dV, seqs, scale, options.accumulate, threads);
